@@ -1,0 +1,36 @@
+# The two commands: `make run` (a demo on a default region) and `make test` (the whole suite).
+# Both install what they need first: Debian packages, a virtualenv, this package.
+
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := python3 python3-venv python3-dev gcc pkg-config fuse3 libfuse3-dev fio ndctl e2fsprogs util-linux
+STAMP := .make
+
+.PHONY: run test lint bench sysdeps clean
+
+sysdeps:
+	@scripts/install-system-packages $(APT_PACKAGES)
+
+$(STAMP)/venv: pyproject.toml | sysdeps
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[test,lint]'
+	@mkdir -p $(STAMP) && touch $@
+
+run: sysdeps $(STAMP)/venv
+	$(PY) scripts/demo.py
+
+test: sysdeps $(STAMP)/venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)/venv
+	$(VENV)/bin/ruff check pmemfs tests scripts
+	$(VENV)/bin/ruff format --check pmemfs tests scripts
+	$(VENV)/bin/mypy pmemfs
+
+bench: sysdeps $(STAMP)/venv
+	$(PY) scripts/bench.py
+
+clean:
+	rm -rf $(VENV) $(STAMP) build

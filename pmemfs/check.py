@@ -1,0 +1,161 @@
+"""``pmemfs check``: one check per invariant of an image, and the repairs that cannot lose data."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from .errors import CorruptImage, PmemfsError
+from .infoblock import (
+    HEADER_OFFSET,
+    INFOBLOCK_OFFSET,
+    INFOBLOCK_SIZE,
+    MIN_IMAGE_SIZE,
+    PAGE_SIZE,
+    SECTOR_SIZE,
+    Geometry,
+    Header,
+    InfoBlock,
+)
+from .region import lock_image
+
+
+@dataclasses.dataclass
+class Report:
+    lines: list[str] = dataclasses.field(default_factory=list)
+    problems: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.problems == 0
+
+    def good(self, text: str) -> None:
+        self.lines.append(f"ok      {text}")
+
+    def bad(self, text: str) -> None:
+        self.problems += 1
+        self.lines.append(f"BAD     {text}")
+
+    def note(self, text: str) -> None:
+        self.lines.append(f"note    {text}")
+
+    def fixed(self, text: str) -> None:
+        self.problems -= 1
+        self.lines.append(f"FIXED   {text}")
+
+
+class ImageChecker:
+    """Reads the image once, then each ``check_*`` method tests one invariant."""
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path = path
+        self.fd = fd
+        self.file_size = os.fstat(fd).st_size
+        head = os.pread(fd, INFOBLOCK_OFFSET + INFOBLOCK_SIZE, 0)
+        self.header_block = head[:PAGE_SIZE]
+        self.info_block = head[INFOBLOCK_OFFSET:]
+        self.header: Header | None = None
+        self.infoblock: InfoBlock | None = None
+        self.geometry: Geometry | None = None
+        self.report = Report()
+
+    def run(self, repair: bool) -> Report:
+        self.check_file_size()
+        self.check_header()
+        self.check_infoblock()
+        self.check_identity()
+        self.check_badblocks(repair)
+        self.check_clean()
+        if repair:
+            self.repair_blocks()
+        return self.report
+
+    def check_file_size(self) -> None:
+        if self.file_size < MIN_IMAGE_SIZE or self.file_size % PAGE_SIZE:
+            self.report.bad(f"file size {self.file_size} is not a valid image size (multiple of 4 KiB, at least 16 MiB)")
+        else:
+            self.report.good(f"file size {self.file_size}")
+
+    def check_header(self) -> None:
+        try:
+            header = Header.unpack(self.header_block)
+        except CorruptImage as err:
+            self.report.bad(str(err))
+            return
+        if header.image_size != self.file_size:
+            self.report.bad(f"header: image_size {header.image_size} but the file has {self.file_size} bytes")
+            return
+        self.header = header
+        self.report.good("header: magic, version, checksum, image_size")
+
+    def check_infoblock(self) -> None:
+        try:
+            infoblock = InfoBlock.unpack(self.info_block)
+            geometry = infoblock.geometry(self.file_size)
+        except CorruptImage as err:
+            self.report.bad(str(err))
+            return
+        self.infoblock, self.geometry = infoblock, geometry
+        self.report.good(
+            f"info block: {geometry.mode} map={geometry.map} dataoff={geometry.dataoff} npfns={geometry.npfns} "
+            f"end_trunc={geometry.end_trunc} align={geometry.align}"
+        )
+
+    def check_identity(self) -> None:
+        if not (self.header and self.infoblock):
+            return
+        ib = self.infoblock
+        if self.header.uuid != ib.uuid:
+            self.report.bad("header uuid differs from the info block's")
+        elif (self.header.mode, self.header.map, self.header.align) != (ib.mode_name, ib.map_name, ib.align):
+            self.report.bad("header mode/map/align differ from the info block's")
+        else:
+            self.report.good("header and info block agree (uuid, mode, map, align)")
+
+    def check_badblocks(self, repair: bool) -> None:
+        if not (self.header and self.geometry):
+            return
+        sectors = self.geometry.data_size // SECTOR_SIZE
+        inside = tuple((s, c) for s, c in self.header.badblocks if c > 0 and s + c <= sectors)
+        outside = len(self.header.badblocks) - len(inside)
+        if not outside:
+            self.report.good(f"badblocks: {len(inside)} extent(s), all inside the data area")
+            return
+        self.report.bad(f"badblocks: {outside} extent(s) outside the data area ({sectors} sectors) or empty")
+        if repair:
+            self.header = self.header.replace(badblocks=inside)
+            self._write(HEADER_OFFSET, self.header.pack())
+            self.report.fixed(f"badblocks: dropped {outside} extent(s) outside the data area")
+
+    def check_clean(self) -> None:
+        if self.header and not self.header.clean:
+            self.report.note("image is marked in use: its daemon did not shut down cleanly; the next mount counts it")
+
+    def repair_blocks(self) -> None:
+        """Rebuild whichever of header and info block is damaged from the one that is intact."""
+        if self.header and not self.infoblock:
+            geometry = Geometry.compute(self.file_size, mode=self.header.mode, map=self.header.map, align=self.header.align)
+            self._write(INFOBLOCK_OFFSET, InfoBlock.for_geometry(geometry, self.header.uuid).pack())
+            self.report.fixed("info block rebuilt from the header's uuid, mode, map and align")
+        elif self.infoblock and self.geometry and not self.header and self.file_size >= MIN_IMAGE_SIZE:
+            # Counters are lost; marked unclean so the next mount says the image was not shut down cleanly.
+            header = Header.for_geometry(self.geometry, self.infoblock.uuid, 0).replace(flags=0)
+            self._write(HEADER_OFFSET, header.pack())
+            self.report.fixed("header rebuilt from the info block (counters reset)")
+
+    def _write(self, offset: int, block: bytes) -> None:
+        os.pwrite(self.fd, block, offset)
+        os.fdatasync(self.fd)
+
+
+def check_image(path: str, *, repair: bool = False) -> Report:
+    try:
+        fd = os.open(path, (os.O_RDWR if repair else os.O_RDONLY) | os.O_CLOEXEC)
+    except OSError as err:
+        raise PmemfsError(f"cannot open {path}: {err.strerror}") from None
+    try:
+        if repair:
+            lock_image(fd, path)
+        return ImageChecker(path, fd).run(repair)
+    finally:
+        os.close(fd)

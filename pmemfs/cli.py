@@ -1,0 +1,183 @@
+"""The ``pmemfs`` command: argument parsing, one line per error, exit codes 0 / 1 / 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from . import client
+from .errors import PmemfsError
+from .infoblock import DEFAULT_ALIGN, format_size, parse_size
+from .region import create_image, read_image_info
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr and exit 2, like the rest of pmemfs's errors."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _print_json(data: object) -> None:
+    print(json.dumps(data, indent=2))
+
+
+def cmd_create(args: argparse.Namespace) -> str | None:
+    info = create_image(args.image, args.size, mode=args.mode, map=args.map, align=args.align, force=args.force)
+    _print_json(info.as_dict())
+    return None
+
+
+def cmd_info(args: argparse.Namespace) -> str | None:
+    info = read_image_info(args.image)
+    data = info.as_dict()
+    if args.json:
+        _print_json(data)
+        return None
+    geometry = info.geometry
+    lines = [
+        f"image:              {info.path}",
+        f"uuid:               {data['uuid']}",
+        f"mode:               {geometry.mode} (map={geometry.map}, align {format_size(geometry.align)})",
+        f"raw size:           {geometry.size} ({format_size(geometry.size)})",
+        f"data area:          {geometry.data_size} bytes at offset {geometry.dataoff} ({geometry.npfns} pages)",
+        f"end_trunc:          {geometry.end_trunc}",
+        f"memmap carve-out:   {geometry.memmap_size} bytes "
+        + (f"(1/64 of capacity, in the image)" if geometry.map == "dev" else "(none: map=mem keeps it in DRAM)"),
+        f"state:              {'clean' if info.header.clean else 'dirty (mounted, or its daemon died)'}",
+        f"mounts:             {info.header.mount_count}",
+        f"unclean shutdowns:  {info.header.unclean_shutdowns}",
+        f"bad blocks:         {data['badblock_count']}",
+    ]
+    print("\n".join(lines))
+    return None
+
+
+def cmd_check(args: argparse.Namespace) -> str | None:
+    from .check import check_image
+
+    report = check_image(args.image, repair=args.repair)
+    for line in report.lines:
+        print(line)
+    if not report.ok:
+        raise PmemfsError(f"{args.image}: {report.problems} problem(s) found" + ("" if args.repair else "; see above (--repair fixes what is safe)"))
+    return None
+
+
+def cmd_mount(args: argparse.Namespace) -> str | None:
+    if args.foreground:
+        if args.loop:
+            raise PmemfsError("--loop needs the daemon in the background: drop --foreground")
+        import logging
+
+        from . import daemon
+
+        logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+        code = daemon.run(args.image, args.mountpoint, log_path=None)
+        if code:
+            sys.exit(code)
+        return None
+    pid = client.start_daemon(args.image, args.mountpoint, log_path=args.log, debug=args.debug)
+    if not args.loop:
+        return f"mounted {args.image} at {args.mountpoint} (daemon pid {pid})"
+    try:
+        device = client.attach_loop(args.mountpoint)
+    except PmemfsError:
+        client.unmount(args.mountpoint)
+        raise
+    print(device)
+    return None
+
+
+def cmd_umount(args: argparse.Namespace) -> str | None:
+    return client.unmount(args.mountpoint, timeout_s=args.timeout)
+
+
+def cmd_status(args: argparse.Namespace) -> str | None:
+    status = client.read_status(args.mountpoint)
+    if args.json:
+        _print_json(status)
+        return None
+    counters = status["counters"]
+    print(
+        "\n".join(
+            [
+                f"{status['mountpoint']}: {status['mode']} map={status['map']} {format_size(status['size'])} "
+                f"(image {status['image']}, daemon pid {status['pid']})",
+                f"  uuid {status['uuid']}, dataoff {status['dataoff']}, npfns {status['npfns']}, align {format_size(status['align'])}",
+                f"  blockdev: {status['blockdev'] or '-'}   allocated: {status['allocated_bytes']} bytes",
+                f"  mounts {status['mounts']}, unclean shutdowns {status['unclean_shutdowns']}, "
+                f"this start after a{'n unclean' if status['previous_shutdown'] == 'unclean' else ' clean'} shutdown",
+                "  reads {reads} ({read_bytes} B, {direct_reads} direct), writes {writes} ({write_bytes} B, "
+                "{direct_writes} direct), fsyncs {fsyncs}, errors {errors}".format(**counters),
+            ]
+        )
+    )
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pmemfs", description="A userspace persistent-memory emulator over FUSE.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    create = commands.add_parser("create", help="create a sparse image")
+    create.add_argument("image")
+    create.add_argument("--size", type=_size, required=True, help="image size, e.g. 1G (multiple of 4K, at least 16M)")
+    create.add_argument("--mode", choices=("fsdax", "devdax"), default="fsdax")
+    create.add_argument("--map", choices=("dev", "mem"), default="dev", help="where the memmap lives (default: dev, in the image)")
+    create.add_argument("--align", type=_size, default=DEFAULT_ALIGN, help="mapping alignment: 2M (default) or 1G")
+    create.add_argument("--force", action="store_true", help="overwrite an existing file")
+    create.set_defaults(func=cmd_create)
+
+    info = commands.add_parser("info", help="decode an image's header and info block")
+    info.add_argument("image")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(func=cmd_info)
+
+    check = commands.add_parser("check", help="validate an image")
+    check.add_argument("image")
+    check.add_argument("--repair", action="store_true", help="repair what is safe to repair")
+    check.set_defaults(func=cmd_check)
+
+    mount = commands.add_parser("mount", help="serve an image at a mountpoint")
+    mount.add_argument("image")
+    mount.add_argument("mountpoint")
+    mount.add_argument("--foreground", action="store_true", help="serve in this process until unmounted")
+    mount.add_argument("--loop", action="store_true", help="also attach pmem0 to a loop device (direct I/O)")
+    mount.add_argument("--log", help="daemon log file (default: in the temp directory, named after the mountpoint)")
+    mount.add_argument("--debug", action="store_true")
+    mount.set_defaults(func=cmd_mount)
+
+    umount = commands.add_parser("umount", help="unmount and mark the image clean")
+    umount.add_argument("mountpoint")
+    umount.add_argument("--timeout", type=float, default=30.0, help="seconds to wait (default 30)")
+    umount.set_defaults(func=cmd_umount)
+
+    status = commands.add_parser("status", help="what a mount is doing")
+    status.add_argument("mountpoint")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        message = args.func(args)
+    except PmemfsError as err:
+        print(f"pmemfs: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        return 130
+    if message:
+        print(message)
+    return 0

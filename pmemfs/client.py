@@ -1,0 +1,194 @@
+"""Client side of a mount: start a daemon and wait until it answers, read its status, unmount.
+
+Everything here talks to the daemon only through the mount (``.pmemfs/status``) and to the
+kernel through fusermount3 and losetup, so it works on a mount started by anyone.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import select
+import subprocess
+import sys
+import tempfile
+import time
+
+from .control import loop_devices_for
+from .errors import MountError, PmemfsError
+
+MOUNT_TIMEOUT_S = 15.0
+POLL_INTERVAL_S = 0.02
+# What the kernel answers on a FUSE mount whose daemon is gone (newer kernels say ECONNABORTED).
+DEAD_MOUNT_ERRNOS = (errno.ENOTCONN, errno.ECONNABORTED)
+
+
+def default_log_path(mountpoint: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", os.path.abspath(mountpoint)).strip("-")
+    return os.path.join(tempfile.gettempdir(), f"pmemfs-{name}.log")
+
+
+def fuse_mount_entry(mountpoint: str) -> str | None:
+    """The filesystem type /proc/mounts gives for a FUSE mount at ``mountpoint``, else None."""
+    target = os.path.abspath(mountpoint)
+    with open("/proc/mounts") as mounts:
+        for line in mounts:
+            _, where, fstype, *_ = line.split()
+            if where.replace("\\040", " ") == target and fstype.startswith("fuse"):
+                return fstype
+    return None
+
+
+def mount_is_dead(mountpoint: str) -> bool:
+    # statfs always reaches the daemon; a stat could be answered from the kernel's attribute cache.
+    try:
+        os.statvfs(mountpoint)
+    except OSError as err:
+        return err.errno in DEAD_MOUNT_ERRNOS
+    return False
+
+
+def read_status(mountpoint: str) -> dict:
+    path = os.path.join(mountpoint, ".pmemfs", "status")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except OSError as err:
+        if err.errno in DEAD_MOUNT_ERRNOS:
+            raise MountError(f"{mountpoint}: the pmemfs daemon has died: run `pmemfs umount {mountpoint}` to clean up") from None
+        raise MountError(f"{mountpoint} is not a pmemfs mount ({err.strerror})") from None
+
+
+def _check_mountpoint(mountpoint: str) -> None:
+    if fuse_mount_entry(mountpoint):
+        if not mount_is_dead(mountpoint):
+            raise MountError(f"{mountpoint} is already mounted: unmount it first")
+        # The daemon of this mount died (kill -9, OOM): its image lock went with it, so clear
+        # the stale mount the way `pmemfs umount` would and carry on.
+        print(f"pmemfs: cleaning up a dead mount at {mountpoint}", file=sys.stderr)
+        _cleanup_dead_mount(mountpoint)
+    if not os.path.isdir(mountpoint):
+        raise MountError(f"mountpoint {mountpoint} is not a directory: create it first")
+
+
+def start_daemon(image: str, mountpoint: str, *, log_path: str | None = None, debug: bool = False) -> int:
+    """Start a background daemon and return its pid once the mount answers requests."""
+    _check_mountpoint(mountpoint)
+    log_path = log_path or default_log_path(mountpoint)
+    read_end, write_end = os.pipe()
+    command = [sys.executable, "-m", "pmemfs.daemon", os.path.abspath(image), os.path.abspath(mountpoint)]
+    command += ["--ready-fd", str(write_end), "--log", log_path] + (["--debug"] if debug else [])
+    with open(log_path, "ab") as log_file:
+        daemon = subprocess.Popen(
+            command,
+            pass_fds=[write_end],
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=log_file,
+            start_new_session=True,
+        )
+    os.close(write_end)
+    try:
+        failure = _read_until_eof(read_end, daemon)
+    finally:
+        os.close(read_end)
+    if failure:
+        daemon.wait()
+        raise MountError(failure)
+    wait_until_answering(mountpoint, daemon)
+    return daemon.pid
+
+
+def _read_until_eof(fd: int, daemon: subprocess.Popen) -> str:
+    message = b""
+    deadline = time.monotonic() + MOUNT_TIMEOUT_S
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], POLL_INTERVAL_S * 5)
+        if ready:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                return message.decode().strip()
+            message += chunk
+    daemon.kill()
+    return f"the daemon did not mount within {MOUNT_TIMEOUT_S:.0f} s"
+
+
+def wait_until_answering(mountpoint: str, daemon: subprocess.Popen | None = None, timeout_s: float = MOUNT_TIMEOUT_S) -> None:
+    """Poll until the mount's status file can be read (FUSE_INIT done), or the daemon exits."""
+    deadline = time.monotonic() + timeout_s
+    status = os.path.join(mountpoint, ".pmemfs", "status")
+    while True:
+        if os.path.exists(status):
+            return
+        if daemon is not None and daemon.poll() is not None:
+            raise MountError(f"the daemon exited with status {daemon.returncode} before the mount answered")
+        if time.monotonic() > deadline:
+            raise MountError(f"{mountpoint} did not answer within {timeout_s:.0f} s")
+        time.sleep(POLL_INTERVAL_S)
+
+
+def attach_loop(mountpoint: str) -> str:
+    pmem0 = os.path.join(os.path.abspath(mountpoint), "pmem0")
+    result = subprocess.run(
+        ["losetup", "--find", "--show", "--direct-io=on", pmem0], capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        raise MountError(f"losetup could not attach {pmem0}: {result.stderr.strip()}")
+    return result.stdout.strip()
+
+
+def _mounted_devices() -> dict[str, str]:
+    with open("/proc/mounts") as mounts:
+        return {line.split()[0]: line.split()[1] for line in mounts}
+
+
+def detach_loops(mountpoint: str) -> list[str]:
+    pmem0 = os.path.join(os.path.abspath(mountpoint), "pmem0")
+    devices = loop_devices_for(pmem0)
+    mounted = _mounted_devices()
+    for device in devices:
+        if device in mounted:
+            raise MountError(f"{device} (over {pmem0}) is mounted at {mounted[device]}: unmount it first")
+    for device in devices:
+        result = subprocess.run(["losetup", "-d", device], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise MountError(f"losetup could not detach {device}: {result.stderr.strip()}")
+    return devices
+
+
+def _cleanup_dead_mount(mountpoint: str) -> None:
+    detach_loops(mountpoint)
+    # Lazy: a dead FUSE mount cannot answer the requests a plain unmount would wait on.
+    subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def unmount(mountpoint: str, *, timeout_s: float = 30.0) -> str:
+    """Detach loop devices, unmount, and wait for the daemon to mark the image clean and exit."""
+    mountpoint = os.path.abspath(mountpoint)
+    if not fuse_mount_entry(mountpoint):
+        raise MountError(f"{mountpoint} is not mounted")
+    if mount_is_dead(mountpoint):
+        _cleanup_dead_mount(mountpoint)
+        return f"cleaned up {mountpoint}: its daemon had died (the next mount counts an unclean shutdown)"
+    status = read_status(mountpoint)
+    detach_loops(mountpoint)
+    result = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise MountError(f"cannot unmount {mountpoint}: {result.stderr.strip()} (is a file on it still open?)")
+    pid = int(status["pid"])
+    deadline = time.monotonic() + timeout_s
+    while _process_alive(pid):
+        if time.monotonic() > deadline:
+            raise PmemfsError(f"daemon {pid} did not exit within {timeout_s:.0f} s after unmount; see {status.get('log')}")
+        time.sleep(POLL_INTERVAL_S)
+    return f"unmounted {mountpoint}"

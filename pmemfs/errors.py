@@ -1,0 +1,60 @@
+"""Every error pmemfs reports: its message, the errno a FUSE client sees, the CLI exit code."""
+
+from __future__ import annotations
+
+import errno as _errno
+
+
+class PmemfsError(Exception):
+    """Base of pmemfs's own errors.
+
+    Raised by the core (image, region, registry) and the CLI; the FUSE layer
+    turns ``errno`` into a ``FUSEError`` and the CLI prints ``str(err)`` as one
+    line and exits with ``exit_code``.
+    """
+
+    errno: int = _errno.EIO
+    exit_code: int = 1
+
+    def __init__(self, message: str, *, errno: int | None = None) -> None:
+        super().__init__(message)
+        if errno is not None:
+            self.errno = errno
+
+
+class UsageError(PmemfsError):
+    """Raised by the CLI for arguments that can never work (a size that is not a valid image size)."""
+
+    errno = _errno.EINVAL
+    exit_code = 2
+
+
+class CorruptImage(PmemfsError):
+    """Raised when opening an image whose header, info block or geometry is wrong.
+
+    The image has not been modified when this is raised.
+    """
+
+    errno = _errno.EUCLEAN
+
+
+class ImageBusy(PmemfsError):
+    """Raised when another daemon holds the image's exclusive lock."""
+
+    errno = _errno.EBUSY
+
+
+class NoSpace(PmemfsError):
+    """Raised when the backing filesystem cannot allocate blocks for a store, or a write is past the end."""
+
+    errno = _errno.ENOSPC
+
+
+class InvalidRange(PmemfsError):
+    """Raised for an offset or length outside the data area, or misaligned for direct I/O."""
+
+    errno = _errno.EINVAL
+
+
+class MountError(PmemfsError):
+    """Raised by mount/umount when the mountpoint or the daemon is not in the expected state."""

@@ -1,0 +1,222 @@
+"""The image on the host: create it sparse, open it under an exclusive lock, map it, load and store.
+
+This is the only module that touches the backing file. It knows nothing of FUSE.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import fcntl
+import os
+import time
+import uuid as uuidlib
+
+import numpy as np
+
+from .errors import CorruptImage, ImageBusy, NoSpace, PmemfsError, UsageError
+from .infoblock import (
+    HEADER_OFFSET,
+    INFOBLOCK_OFFSET,
+    INFOBLOCK_SIZE,
+    PAGE_SIZE,
+    FLAG_CLEAN,
+    Geometry,
+    Header,
+    InfoBlock,
+)
+
+# Blocks of the image are allocated this many bytes at a time before the first store into them,
+# so that a full backing filesystem is an ENOSPC for the writer instead of a SIGBUS in the daemon.
+ALLOC_CHUNK = 2 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageInfo:
+    """What an image says about itself, read without taking its lock."""
+
+    path: str
+    file_size: int
+    header: Header
+    infoblock: InfoBlock
+    geometry: Geometry
+
+    def as_dict(self) -> dict[str, object]:
+        return {"image": self.path, **self.geometry.as_dict(), **self.header.as_dict()}
+
+
+def create_image(path: str, size: int, *, mode: str, map: str, align: int, force: bool) -> ImageInfo:
+    """Write a new sparse image: header and info block only, every other byte a hole."""
+    geometry = Geometry.compute(size, mode=mode, map=map, align=align)
+    uuid = uuidlib.uuid4().bytes
+    header = Header.for_geometry(geometry, uuid, time.time_ns())
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if force else os.O_EXCL)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        raise UsageError(f"{path} already exists: pass --force to overwrite it") from None
+    except OSError as err:
+        raise PmemfsError(f"cannot create {path}: {err.strerror}") from None
+    try:
+        lock_image(fd, path)
+        os.ftruncate(fd, size)
+        os.pwrite(fd, header.pack(), HEADER_OFFSET)
+        os.pwrite(fd, InfoBlock.for_geometry(geometry, uuid).pack(), INFOBLOCK_OFFSET)
+        os.fsync(fd)
+    except OSError as err:
+        raise PmemfsError(f"cannot write {path}: {err.strerror}", errno=err.errno) from None
+    finally:
+        os.close(fd)
+    return read_image_info(path)
+
+
+def read_image_info(path: str) -> ImageInfo:
+    """Decode and validate the header and info block; raise CorruptImage naming the bad field."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as err:
+        raise PmemfsError(f"cannot open {path}: {err.strerror}") from None
+    try:
+        return _read_info(fd, path)
+    finally:
+        os.close(fd)
+
+
+def _read_info(fd: int, path: str) -> ImageInfo:
+    file_size = os.fstat(fd).st_size
+    head = os.pread(fd, INFOBLOCK_OFFSET + INFOBLOCK_SIZE, 0)
+    try:
+        header = Header.unpack(head[:PAGE_SIZE])
+        infoblock = InfoBlock.unpack(head[INFOBLOCK_OFFSET:])
+        if header.image_size != file_size:
+            raise CorruptImage(f"header: image_size {header.image_size} but the file has {file_size} bytes")
+        if header.uuid != infoblock.uuid:
+            raise CorruptImage("header: uuid differs from the info block's uuid")
+        recorded = (header.mode, header.map, header.align)
+        if recorded != (infoblock.mode_name, infoblock.map_name, infoblock.align):
+            raise CorruptImage(
+                f"header: mode/map/align {recorded} differ from the info block's "
+                f"{(infoblock.mode_name, infoblock.map_name, infoblock.align)}"
+            )
+        geometry = infoblock.geometry(file_size)
+    except CorruptImage as err:
+        raise CorruptImage(f"{path}: {err}") from None
+    return ImageInfo(path, file_size, header, infoblock, geometry)
+
+
+def lock_image(fd: int, path: str) -> None:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _lock_holder(fd)
+        who = f"process {holder}" if holder else "another process"
+        raise ImageBusy(f"{path} is in use by {who} (another pmemfs daemon?): unmount it first") from None
+
+
+def _lock_holder(fd: int) -> int | None:
+    """The pid /proc/locks names for a FLOCK on this file, if any."""
+    st = os.fstat(fd)
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks") as locks:
+            for line in locks:
+                fields = line.split()
+                if "FLOCK" in fields and key in fields and "->" not in fields:
+                    return int(fields[4])
+    except OSError:
+        pass
+    return None
+
+
+class Region:
+    """An open image: locked, mapped once with numpy memmap, with the data area as a byte view."""
+
+    def __init__(self, path: str, fd: int, info: ImageInfo) -> None:
+        self.path = path
+        self.fd = fd
+        self.info = info
+        self.geometry = info.geometry
+        self.header = info.header
+        with open(fd, "r+b", closefd=False) as image_file:
+            self.image = np.memmap(image_file, dtype=np.uint8, mode="r+", shape=(info.file_size,))
+        dataoff = self.geometry.dataoff
+        self.data = self.image[dataoff : dataoff + self.geometry.data_size]
+        self._data_bytes = memoryview(self.data)
+        self.data_size = self.geometry.data_size
+        self._allocated = np.zeros(-(-info.file_size // ALLOC_CHUNK), dtype=bool)
+        self.previous_shutdown_clean = info.header.clean
+
+    @classmethod
+    def open(cls, path: str) -> Region:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as err:
+            raise PmemfsError(f"cannot open {path}: {err.strerror}") from None
+        try:
+            lock_image(fd, path)
+            return cls(os.path.abspath(path), fd, _read_info(fd, path))
+        except BaseException:
+            os.close(fd)
+            raise
+
+    # Header bookkeeping. Written with pwrite, not through the mapping, so each update is one
+    # explicit store that fdatasync makes durable before mount goes on.
+    def mark_dirty(self) -> None:
+        header = self.header
+        self._write_header(
+            header.replace(
+                flags=header.flags & ~FLAG_CLEAN,
+                mount_count=header.mount_count + 1,
+                unclean_shutdowns=header.unclean_shutdowns + (0 if header.clean else 1),
+                last_mount_ns=time.time_ns(),
+            )
+        )
+
+    def mark_clean(self) -> None:
+        self.flush()
+        self._write_header(self.header.replace(flags=self.header.flags | FLAG_CLEAN))
+
+    def _write_header(self, header: Header) -> None:
+        os.pwrite(self.fd, header.pack(), HEADER_OFFSET)
+        os.fdatasync(self.fd)
+        self.header = header
+
+    def read(self, offset: int, length: int) -> memoryview:
+        """A zero-copy view of the data area; the caller has clipped it to the end."""
+        return self._data_bytes[offset : offset + length]
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        start = self.geometry.dataoff + offset
+        first, last = start // ALLOC_CHUNK, (start + len(data) - 1) // ALLOC_CHUNK
+        if not self._allocated[first] or (last != first and not self._allocated[first : last + 1].all()):
+            self._allocate(first, last)
+        self._data_bytes[offset : offset + len(data)] = data
+
+    def _allocate(self, first_chunk: int, last_chunk: int) -> None:
+        start = first_chunk * ALLOC_CHUNK
+        end = min((last_chunk + 1) * ALLOC_CHUNK, self.info.file_size)
+        try:
+            os.posix_fallocate(self.fd, start, end - start)
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpace(f"{self.path}: the backing filesystem is full") from None
+            if err.errno != errno.EOPNOTSUPP:
+                raise PmemfsError(f"{self.path}: cannot allocate blocks: {err.strerror}", errno=err.errno) from None
+        self._allocated[first_chunk : last_chunk + 1] = True
+
+    def flush(self) -> None:
+        # The mapping is MAP_SHARED, so every store is already in the image's page cache:
+        # fdatasync writes exactly what msync(MS_SYNC) over the whole mapping would.
+        os.fdatasync(self.fd)
+
+    def allocated_bytes(self) -> int:
+        return os.fstat(self.fd).st_blocks * 512
+
+    def close(self, *, clean: bool) -> None:
+        try:
+            if clean:
+                self.mark_clean()
+        finally:
+            # Dropping the views unmaps the image once the last reply that borrowed one is gone.
+            del self._data_bytes, self.data, self.image
+            os.close(self.fd)

@@ -1,0 +1,158 @@
+"""Fixtures that start real pmemfs daemons through the CLI and always take them down again."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import mmap
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+PMEMFS = [sys.executable, "-m", "pmemfs"]
+PAGE = 4096
+
+
+def pmemfs(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(PMEMFS + list(args), capture_output=True, text=True, timeout=120)
+    if check and result.returncode != 0:
+        raise AssertionError(f"pmemfs {' '.join(args)} exited {result.returncode}: {result.stderr.strip()}")
+    return result
+
+
+def create_image(path: os.PathLike[str] | str, size: str = "256M", *extra: str) -> str:
+    pmemfs("create", str(path), "--size", size, *extra)
+    return str(path)
+
+
+def sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fuse_mounts_under(prefix: str) -> list[str]:
+    with open("/proc/mounts") as mounts:
+        return [line.split()[1] for line in mounts if line.split()[2].startswith("fuse") and line.split()[1].startswith(prefix)]
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_for(predicate, timeout_s: float = 10.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.01)
+
+
+@dataclasses.dataclass
+class Mount:
+    image: str
+    mountpoint: str
+
+    @property
+    def pmem0(self) -> str:
+        return os.path.join(self.mountpoint, "pmem0")
+
+    def status(self) -> dict:
+        return json.loads(pmemfs("status", self.mountpoint, "--json").stdout)
+
+    @property
+    def pid(self) -> int:
+        return int(self.status()["pid"])
+
+
+def force_unmount(mountpoint: str) -> None:
+    """Last resort for a test that left a mount behind: detach loops, kill the daemon, lazy unmount."""
+    pmem0 = os.path.join(mountpoint, "pmem0")
+    for backing in _loop_backing_files():
+        if backing[1] == pmem0:
+            subprocess.run(["umount", "-l", backing[0]], capture_output=True)
+            subprocess.run(["losetup", "-d", backing[0]], capture_output=True)
+    with contextlib.suppress(Exception):
+        os.kill(Mount("", mountpoint).pid, signal.SIGKILL)
+    subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True)
+
+
+def _loop_backing_files() -> list[tuple[str, str]]:
+    out = subprocess.run(["losetup", "--list", "--noheadings", "-O", "NAME,BACK-FILE"], capture_output=True, text=True)
+    return [tuple(line.split(None, 1)) for line in out.stdout.splitlines() if len(line.split(None, 1)) == 2]  # type: ignore[misc]
+
+
+@contextlib.contextmanager
+def mounted(image: str, mountpoint: str, *extra: str) -> Iterator[Mount]:
+    os.makedirs(mountpoint, exist_ok=True)
+    pmemfs("mount", image, mountpoint, *extra)
+    mount = Mount(image, mountpoint)
+    try:
+        yield mount
+    finally:
+        if fuse_mounts_under(os.path.abspath(mountpoint)):
+            result = pmemfs("umount", mountpoint, check=False)
+            if result.returncode != 0:
+                force_unmount(mountpoint)
+                raise AssertionError(f"pmemfs umount failed: {result.stderr.strip()}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def sweep_stale_mounts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Nothing a test run mounts outlives it, even when a test failed half-way."""
+    base = str(tmp_path_factory.getbasetemp())
+    yield
+    for mountpoint in fuse_mounts_under(base):
+        force_unmount(mountpoint)
+
+
+@pytest.fixture
+def image(tmp_path) -> str:  # type: ignore[no-untyped-def]
+    return create_image(tmp_path / "pmem.img", "256M")
+
+
+@pytest.fixture
+def mount(image: str, tmp_path) -> Iterator[Mount]:  # type: ignore[no-untyped-def]
+    with mounted(image, str(tmp_path / "mnt")) as m:
+        yield m
+
+
+class DirectFile:
+    """O_DIRECT reads and writes with page-aligned buffers, as a direct-I/O test suite does them."""
+
+    def __init__(self, path: str, flags: int = os.O_RDWR) -> None:
+        self.fd = os.open(path, flags | os.O_DIRECT)
+
+    def pwrite(self, data: bytes, offset: int) -> int:
+        buf = mmap.mmap(-1, max(len(data), PAGE))
+        buf[: len(data)] = data
+        with memoryview(buf) as view:
+            return os.pwritev(self.fd, [view[: len(data)]], offset)
+
+    def pread(self, length: int, offset: int) -> bytes:
+        buf = mmap.mmap(-1, max(length, PAGE))
+        with memoryview(buf) as view:
+            n = os.preadv(self.fd, [view[:length]], offset)
+        return buf[:n]
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def __enter__(self) -> DirectFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
