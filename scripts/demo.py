@@ -28,7 +28,7 @@ def main() -> int:
         fio = [
             "fio", "--name=demo", f"--filename={MOUNTPOINT}/pmem0", "--rw=randwrite", "--bsrange=4k-128k",
             "--ioengine=libaio", "--iodepth=16", "--direct=1", "--size=256M", "--verify=crc32c",
-            "--do_verify=1", "--group_reporting",
+            "--do_verify=1", "--group_reporting", "--verify_state_save=0",
         ]  # fmt: skip
         print("$ " + " ".join(fio), flush=True)
         subprocess.run(fio, check=True)
