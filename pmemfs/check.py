@@ -72,7 +72,9 @@ class ImageChecker:
 
     def check_file_size(self) -> None:
         if self.file_size < MIN_IMAGE_SIZE or self.file_size % PAGE_SIZE:
-            self.report.bad(f"file size {self.file_size} is not a valid image size (multiple of 4 KiB, at least 16 MiB)")
+            self.report.bad(
+                f"file size {self.file_size} is not a valid image size (multiple of 4 KiB, at least 16 MiB)"
+            )
         else:
             self.report.good(f"file size {self.file_size}")
 
@@ -134,7 +136,9 @@ class ImageChecker:
     def repair_blocks(self) -> None:
         """Rebuild whichever of header and info block is damaged from the one that is intact."""
         if self.header and not self.infoblock:
-            geometry = Geometry.compute(self.file_size, mode=self.header.mode, map=self.header.map, align=self.header.align)
+            geometry = Geometry.compute(
+                self.file_size, mode=self.header.mode, map=self.header.map, align=self.header.align
+            )
             self._write(INFOBLOCK_OFFSET, InfoBlock.for_geometry(geometry, self.header.uuid).pack())
             self.report.fixed("info block rebuilt from the header's uuid, mode, map and align")
         elif self.infoblock and self.geometry and not self.header and self.file_size >= MIN_IMAGE_SIZE:

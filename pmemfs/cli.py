@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 from collections.abc import Sequence
 
 from . import client
@@ -52,7 +56,7 @@ def cmd_info(args: argparse.Namespace) -> str | None:
         f"data area:          {geometry.data_size} bytes at offset {geometry.dataoff} ({geometry.npfns} pages)",
         f"end_trunc:          {geometry.end_trunc}",
         f"memmap carve-out:   {geometry.memmap_size} bytes "
-        + (f"(1/64 of capacity, in the image)" if geometry.map == "dev" else "(none: map=mem keeps it in DRAM)"),
+        + ("(1/64 of capacity, in the image)" if geometry.map == "dev" else "(none: map=mem keeps it in DRAM)"),
         f"state:              {'clean' if info.header.clean else 'dirty (mounted, or its daemon died)'}",
         f"mounts:             {info.header.mount_count}",
         f"unclean shutdowns:  {info.header.unclean_shutdowns}",
@@ -69,7 +73,10 @@ def cmd_check(args: argparse.Namespace) -> str | None:
     for line in report.lines:
         print(line)
     if not report.ok:
-        raise PmemfsError(f"{args.image}: {report.problems} problem(s) found" + ("" if args.repair else "; see above (--repair fixes what is safe)"))
+        raise PmemfsError(
+            f"{args.image}: {report.problems} problem(s) found"
+            + ("" if args.repair else "; see above (--repair fixes what is safe)")
+        )
     return None
 
 
@@ -81,12 +88,15 @@ def cmd_mount(args: argparse.Namespace) -> str | None:
 
         from . import daemon
 
-        logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-        code = daemon.run(args.image, args.mountpoint, log_path=None)
+        logging.basicConfig(
+            level=logging.DEBUG if args.debug else logging.INFO, format="%(asctime)s %(levelname)s %(message)s"
+        )
+        code = daemon.run(args.image, args.mountpoint, log_path=None, track_references=args.track_references)
         if code:
             sys.exit(code)
         return None
-    pid = client.start_daemon(args.image, args.mountpoint, log_path=args.log, debug=args.debug)
+    daemon_args = () if args.track_references else ("--no-references",)
+    pid = client.start_daemon(args.image, args.mountpoint, log_path=args.log, debug=args.debug, daemon_args=daemon_args)
     if not args.loop:
         return f"mounted {args.image} at {args.mountpoint} (daemon pid {pid})"
     try:
@@ -107,22 +117,87 @@ def cmd_status(args: argparse.Namespace) -> str | None:
     if args.json:
         _print_json(status)
         return None
-    counters = status["counters"]
+    counters, registry = status["counters"], status["registry"]
     print(
         "\n".join(
             [
                 f"{status['mountpoint']}: {status['mode']} map={status['map']} {format_size(status['size'])} "
                 f"(image {status['image']}, daemon pid {status['pid']})",
-                f"  uuid {status['uuid']}, dataoff {status['dataoff']}, npfns {status['npfns']}, align {format_size(status['align'])}",
+                f"  uuid {status['uuid']}, dataoff {status['dataoff']}, npfns {status['npfns']}, "
+                f"align {format_size(status['align'])}",
                 f"  blockdev: {status['blockdev'] or '-'}   allocated: {status['allocated_bytes']} bytes",
                 f"  mounts {status['mounts']}, unclean shutdowns {status['unclean_shutdowns']}, "
                 f"this start after a{'n unclean' if status['previous_shutdown'] == 'unclean' else ' clean'} shutdown",
                 "  reads {reads} ({read_bytes} B, {direct_reads} direct), writes {writes} ({write_bytes} B, "
                 "{direct_writes} direct), fsyncs {fsyncs}, errors {errors}".format(**counters),
+                "  pages: {referenced_pages} referenced, {pinned_pages} pinned, {holders} holder(s); "
+                "device reference {alive}".format(alive="alive" if registry["device_alive"] else "killed", **registry),
+                "  nr_foll_pin_acquired {nr_foll_pin_acquired}, nr_foll_pin_released {nr_foll_pin_released}, "
+                "get_page {nr_get_page}, put_page {nr_put_page}, "
+                "unbalanced {nr_unbalanced}, refused {nr_refused}".format(**registry),
             ]
+            + (
+                [f"  stale references reset at mount: {status['stale_references']['pages']} page(s)"]
+                if status["stale_references"]["pages"]
+                else []
+            )
         )
     )
     return None
+
+
+def cmd_pages(args: argparse.Namespace) -> str | None:
+    pages = client.read_pages(args.mountpoint)
+    if args.json:
+        _print_json(pages)
+        return None
+    if not pages["ranges"]:
+        print("no page is referenced")
+    for r in pages["ranges"]:
+        end = r["pfn"] + r["npages"] - 1
+        print(
+            f"pages {r['pfn']}-{end} (offset {r['pfn'] * 4096}, {r['npages'] * 4096} bytes): "
+            f"refcount {r['refcount']}, {r['pins']} pin(s)"
+        )
+        for holder in r["holders"]:
+            print("    " + client.describe_holder(holder))
+    return None
+
+
+def cmd_trace(args: argparse.Namespace) -> str | None:
+    last_seq = 0
+    while True:
+        for line in client.read_control(args.mountpoint, "trace").splitlines():
+            seq = int(line.split(" ", 1)[0])
+            if seq > last_seq:
+                print(line, flush=True)
+                last_seq = seq
+        if not args.follow:
+            return None
+        time.sleep(0.2)
+
+
+def cmd_pin(args: argparse.Namespace) -> str | None:
+    command = args.command_args
+    with client.PinSession(args.mountpoint) as session:
+        pin = session.pin(args.file, args.offset, args.length, longterm=args.longterm)
+        print(
+            f"pinned {pin['file']} offset {pin['offset']} length {pin['length']} ({pin['kind']}, pin {pin['id']}, "
+            f"holder pid {os.getpid()})",
+            flush=True,
+        )
+        if command:
+            return_code = subprocess.run(command).returncode
+            if return_code:
+                sys.exit(return_code)
+            return None
+        # Hold until interrupted; the pin goes when the session closes.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        try:
+            while True:
+                signal.pause()
+        except KeyboardInterrupt:
+            return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,7 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("image")
     create.add_argument("--size", type=_size, required=True, help="image size, e.g. 1G (multiple of 4K, at least 16M)")
     create.add_argument("--mode", choices=("fsdax", "devdax"), default="fsdax")
-    create.add_argument("--map", choices=("dev", "mem"), default="dev", help="where the memmap lives (default: dev, in the image)")
+    create.add_argument(
+        "--map", choices=("dev", "mem"), default="dev", help="where the memmap lives (default: dev, in the image)"
+    )
     create.add_argument("--align", type=_size, default=DEFAULT_ALIGN, help="mapping alignment: 2M (default) or 1G")
     create.add_argument("--force", action="store_true", help="overwrite an existing file")
     create.set_defaults(func=cmd_create)
@@ -155,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--loop", action="store_true", help="also attach pmem0 to a loop device (direct I/O)")
     mount.add_argument("--log", help="daemon log file (default: in the temp directory, named after the mountpoint)")
     mount.add_argument("--debug", action="store_true")
+    # For scripts/bench.py: serve without registry bookkeeping, to measure what it costs.
+    mount.add_argument("--no-references", dest="track_references", action="store_false", help=argparse.SUPPRESS)
     mount.set_defaults(func=cmd_mount)
 
     umount = commands.add_parser("umount", help="unmount and mark the image clean")
@@ -166,11 +245,34 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("mountpoint")
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
+
+    pin = commands.add_parser("pin", help="hold a pin on a range while COMMAND runs, or until interrupted")
+    pin.add_argument("mountpoint")
+    pin.add_argument("--file", choices=("pmem0", "dax0"), required=True)
+    pin.add_argument("--offset", type=_size, required=True)
+    pin.add_argument("--length", type=_size, required=True)
+    pin.add_argument("--longterm", action="store_true", help="FOLL_LONGTERM (allowed on dax0 only, as on devdax)")
+    pin.epilog = "Everything after -- is the command to run while the pin is held."
+    pin.set_defaults(func=cmd_pin)
+
+    pages = commands.add_parser("pages", help="referenced pages and their holders")
+    pages.add_argument("mountpoint")
+    pages.add_argument("--json", action="store_true")
+    pages.set_defaults(func=cmd_pages)
+
+    trace = commands.add_parser("trace", help="recent page registry events")
+    trace.add_argument("mountpoint")
+    trace.add_argument("--follow", action="store_true", help="keep printing new events")
+    trace.set_defaults(func=cmd_trace)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # What follows `--` is a command for `pmemfs pin` to run, not for argparse to read.
+    command_args = argv[argv.index("--") + 1 :] if "--" in argv else []
+    args = build_parser().parse_args(argv[: len(argv) - len(command_args) - (1 if "--" in argv else 0)])
+    args.command_args = command_args
     try:
         message = args.func(args)
     except PmemfsError as err:

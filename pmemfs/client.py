@@ -51,13 +51,23 @@ def mount_is_dead(mountpoint: str) -> bool:
 
 
 def read_status(mountpoint: str) -> dict:
-    path = os.path.join(mountpoint, ".pmemfs", "status")
+    return json.loads(read_control(mountpoint, "status"))
+
+
+def read_pages(mountpoint: str) -> dict:
+    return json.loads(read_control(mountpoint, "pages"))
+
+
+def read_control(mountpoint: str, name: str) -> str:
+    path = os.path.join(mountpoint, ".pmemfs", name)
     try:
         with open(path) as f:
-            return json.load(f)
+            return f.read()
     except OSError as err:
         if err.errno in DEAD_MOUNT_ERRNOS:
-            raise MountError(f"{mountpoint}: the pmemfs daemon has died: run `pmemfs umount {mountpoint}` to clean up") from None
+            raise MountError(
+                f"{mountpoint}: the pmemfs daemon has died: run `pmemfs umount {mountpoint}` to clean up"
+            ) from None
         raise MountError(f"{mountpoint} is not a pmemfs mount ({err.strerror})") from None
 
 
@@ -73,13 +83,15 @@ def _check_mountpoint(mountpoint: str) -> None:
         raise MountError(f"mountpoint {mountpoint} is not a directory: create it first")
 
 
-def start_daemon(image: str, mountpoint: str, *, log_path: str | None = None, debug: bool = False) -> int:
+def start_daemon(
+    image: str, mountpoint: str, *, log_path: str | None = None, debug: bool = False, daemon_args: tuple[str, ...] = ()
+) -> int:
     """Start a background daemon and return its pid once the mount answers requests."""
     _check_mountpoint(mountpoint)
     log_path = log_path or default_log_path(mountpoint)
     read_end, write_end = os.pipe()
     command = [sys.executable, "-m", "pmemfs.daemon", os.path.abspath(image), os.path.abspath(mountpoint)]
-    command += ["--ready-fd", str(write_end), "--log", log_path] + (["--debug"] if debug else [])
+    command += ["--ready-fd", str(write_end), "--log", log_path, *daemon_args] + (["--debug"] if debug else [])
     with open(log_path, "ab") as log_file:
         daemon = subprocess.Popen(
             command,
@@ -115,7 +127,9 @@ def _read_until_eof(fd: int, daemon: subprocess.Popen) -> str:
     return f"the daemon did not mount within {MOUNT_TIMEOUT_S:.0f} s"
 
 
-def wait_until_answering(mountpoint: str, daemon: subprocess.Popen | None = None, timeout_s: float = MOUNT_TIMEOUT_S) -> None:
+def wait_until_answering(
+    mountpoint: str, daemon: subprocess.Popen | None = None, timeout_s: float = MOUNT_TIMEOUT_S
+) -> None:
     """Poll until the mount's status file can be read (FUSE_INIT done), or the daemon exits."""
     deadline = time.monotonic() + timeout_s
     status = os.path.join(mountpoint, ".pmemfs", "status")
@@ -131,9 +145,7 @@ def wait_until_answering(mountpoint: str, daemon: subprocess.Popen | None = None
 
 def attach_loop(mountpoint: str) -> str:
     pmem0 = os.path.join(os.path.abspath(mountpoint), "pmem0")
-    result = subprocess.run(
-        ["losetup", "--find", "--show", "--direct-io=on", pmem0], capture_output=True, text=True
-    )
+    result = subprocess.run(["losetup", "--find", "--show", "--direct-io=on", pmem0], capture_output=True, text=True)
     if result.returncode != 0:
         raise MountError(f"losetup could not attach {pmem0}: {result.stderr.strip()}")
     return result.stdout.strip()
@@ -172,8 +184,93 @@ def _process_alive(pid: int) -> bool:
         return False
 
 
+class PinSession:
+    """A client's pin session: ``.pmemfs/pin`` held open; its pins last until :meth:`close`."""
+
+    def __init__(self, mountpoint: str) -> None:
+        path = os.path.join(mountpoint, ".pmemfs", "pin")
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as err:
+            raise MountError(f"cannot open {path}: {err.strerror} (is {mountpoint} a pmemfs mount?)") from None
+
+    def _command(self, command: str, what: str) -> None:
+        try:
+            os.write(self.fd, command.encode())
+        except OSError as err:
+            hint = PIN_ERRORS.get(err.errno or 0, err.strerror or "error")
+            raise PmemfsError(f"{what}: {hint}", errno=err.errno) from None
+
+    def pin(self, file: str, offset: int, length: int, *, longterm: bool = False) -> dict[str, object]:
+        before = {p["id"] for p in self.pins()}
+        kind = "longterm " if longterm else ""
+        self._command(
+            f"pin {file} {offset} {length}{' longterm' if longterm else ''}", f"{kind}pin of {file} {offset}+{length}"
+        )
+        return next(p for p in self.pins() if p["id"] not in before)
+
+    def unpin(self, pin_id: int) -> None:
+        self._command(f"unpin {pin_id}", f"unpin {pin_id}")
+
+    def kill_device(self) -> None:
+        self._command("kill", "killing the device reference")
+
+    def revive_device(self) -> None:
+        self._command("revive", "reviving the device reference")
+
+    def pins(self) -> list[dict[str, object]]:
+        listing = b""
+        while chunk := os.read(self.fd, 65536):
+            listing += chunk
+        pins = []
+        for line in listing.decode().splitlines():
+            pin_id, file, offset, length, kind = line.split()
+            pins.append({"id": int(pin_id), "file": file, "offset": int(offset), "length": int(length), "kind": kind})
+        return pins
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> PinSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+PIN_ERRORS = {
+    errno.EOPNOTSUPP: "pmem0 is fsdax: long-term pins are not supported there (use dax0)",
+    errno.ENXIO: "the device is being torn down (an unmount is draining references)",
+    errno.EINVAL: "invalid request: the range must lie inside the data area",
+}
+
+
+def drain_references(mountpoint: str, session: PinSession, timeout_s: float) -> list[dict[str, object]]:
+    """Kill the device reference and wait for every page reference to go; return the holders left."""
+    session.kill_device()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        registry = read_status(mountpoint)["registry"]
+        if registry["referenced_pages"] == 0:
+            return []
+        if time.monotonic() > deadline:
+            return read_pages(mountpoint)["holders"]
+        time.sleep(POLL_INTERVAL_S * 5)
+
+
+def describe_holder(holder: dict) -> str:
+    return (
+        f"pid {holder['pid']} holds a {holder['kind']} reference on {holder['file']} "
+        f"offset {holder['offset']} length {holder['length']} "
+        f"(pages {holder['pfn']}-{holder['pfn'] + holder['npages'] - 1}) "
+        f"for {holder['age_s']:.1f} s"
+    )
+
+
 def unmount(mountpoint: str, *, timeout_s: float = 30.0) -> str:
-    """Detach loop devices, unmount, and wait for the daemon to mark the image clean and exit."""
+    """Detach loop devices, drain page references, unmount, and wait for the daemon to exit clean."""
     mountpoint = os.path.abspath(mountpoint)
     if not fuse_mount_entry(mountpoint):
         raise MountError(f"{mountpoint} is not mounted")
@@ -182,6 +279,15 @@ def unmount(mountpoint: str, *, timeout_s: float = 30.0) -> str:
         return f"cleaned up {mountpoint}: its daemon had died (the next mount counts an unclean shutdown)"
     status = read_status(mountpoint)
     detach_loops(mountpoint)
+    # Closing the session revives the device reference: on a timeout the mount goes on serving.
+    with PinSession(mountpoint) as session:
+        holders = drain_references(mountpoint, session, timeout_s)
+    if holders:
+        lines = "\n".join("  " + describe_holder(h) for h in holders)
+        raise PmemfsError(
+            f"{mountpoint}: page references did not drain within {timeout_s:g} s; still held:\n{lines}\n"
+            "the mount stays up; drop the pins (end those processes) and run pmemfs umount again"
+        )
     result = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
     if result.returncode != 0:
         raise MountError(f"cannot unmount {mountpoint}: {result.stderr.strip()} (is a file on it still open?)")
@@ -189,6 +295,8 @@ def unmount(mountpoint: str, *, timeout_s: float = 30.0) -> str:
     deadline = time.monotonic() + timeout_s
     while _process_alive(pid):
         if time.monotonic() > deadline:
-            raise PmemfsError(f"daemon {pid} did not exit within {timeout_s:.0f} s after unmount; see {status.get('log')}")
+            raise PmemfsError(
+                f"daemon {pid} did not exit within {timeout_s:.0f} s after unmount; see {status.get('log')}"
+            )
         time.sleep(POLL_INTERVAL_S)
     return f"unmounted {mountpoint}"

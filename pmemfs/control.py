@@ -5,8 +5,12 @@ from __future__ import annotations
 import glob
 import json
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from .pages import PageRegistry
+from .region import Region
 
 
 @dataclass(frozen=True)
@@ -28,9 +32,48 @@ def loop_devices_for(path: str) -> list[str]:
     return sorted(devices)
 
 
-def render_json(snapshot: dict[str, object]) -> bytes:
+def _json(snapshot: object) -> bytes:
     return (json.dumps(snapshot, indent=2) + "\n").encode()
 
 
-def daemon_identity(mountpoint: str) -> dict[str, object]:
-    return {"mountpoint": mountpoint, "pid": os.getpid()}
+def control_files(
+    *,
+    region: Region,
+    registry: PageRegistry,
+    io_statistics: Callable[[], dict[str, int]],
+    mountpoint: str,
+    log_path: str | None,
+    stale: list[dict[str, int]],
+) -> list[ControlFile]:
+    pmem0_path = os.path.join(mountpoint, "pmem0")
+
+    def status() -> bytes:
+        blockdevs = loop_devices_for(pmem0_path)
+        return _json(
+            {
+                "mountpoint": mountpoint,
+                "pid": os.getpid(),
+                "image": region.path,
+                "log": log_path,
+                **region.geometry.as_dict(),
+                **region.header.as_dict(),
+                "previous_shutdown": "clean" if region.previous_shutdown_clean else "unclean",
+                "stale_references": {"pages": sum(r["npages"] for r in stale), "ranges": stale[:64]},
+                "blockdev": blockdevs[0] if blockdevs else None,
+                "allocated_bytes": region.allocated_bytes(),
+                "counters": io_statistics(),
+                "registry": registry.statistics(),
+            }
+        )
+
+    def pages() -> bytes:
+        now = time.time_ns()
+        ranges = registry.referenced_ranges()
+        for r in ranges:
+            r["holders"] = [h.as_dict(now) for h in registry.holders_of(r["pfn"], r["npages"])]  # type: ignore[assignment]
+        return _json({"ranges": ranges, "holders": [h.as_dict(now) for h in registry.holders()]})
+
+    def trace() -> bytes:
+        return "".join(event.line() + "\n" for event in registry.events()).encode()
+
+    return [ControlFile("status", status), ControlFile("pages", pages), ControlFile("trace", trace)]

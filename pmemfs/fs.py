@@ -1,4 +1,4 @@
-"""pyfuse3 Operations for a pmemfs mount: translates FUSE requests into region calls.
+"""pyfuse3 Operations for a pmemfs mount: translates FUSE requests into region and registry calls.
 
 The only module that raises FUSEError. Handlers never await: every request is served to the
 end by the task that received it, so one pyfuse3 worker task is enough and no lock is needed.
@@ -17,14 +17,19 @@ import pyfuse3
 
 from .control import ControlFile
 from .errors import PmemfsError
-from .infoblock import SECTOR_SIZE
+from .infoblock import PAGE_SIZE, SECTOR_SIZE
+from .pages import Holder, Kind, PageRegistry
 from .region import Region
+from .sessions import PinSessions, Session
 
 PMEM0_INODE = pyfuse3.ROOT_INODE + 1
-CONTROL_DIR_INODE = PMEM0_INODE + 1
-FIRST_CONTROL_FILE_INODE = CONTROL_DIR_INODE + 1
-PMEM0_NAME = b"pmem0"
+DAX0_INODE = PMEM0_INODE + 1
+CONTROL_DIR_INODE = DAX0_INODE + 1
+PIN_INODE = CONTROL_DIR_INODE + 1
+FIRST_CONTROL_FILE_INODE = PIN_INODE + 1
+DATA_FILES = {PMEM0_INODE: "pmem0", DAX0_INODE: "dax0"}
 CONTROL_DIR_NAME = b".pmemfs"
+PIN_NAME = b"pin"
 # Nothing in the tree ever changes shape or size, so the kernel may cache all of it.
 ATTR_TIMEOUT_S = 3600.0
 
@@ -47,26 +52,58 @@ class OpenFile:
     direct: bool
     pid: int
     snapshot: bytes = b""
+    session: Session | None = None
+    listing: bytes | None = None
+    cursor: int = 0
+
+    @property
+    def name(self) -> str:
+        return DATA_FILES.get(self.inode, "")
 
 
 class PmemOperations(pyfuse3.Operations):
-    """The mount's tree: ``pmem0`` over the data area and the ``.pmemfs/`` control files."""
+    """The mount's tree: ``pmem0`` and ``dax0`` over the data area, and the ``.pmemfs/`` control files."""
 
     supports_dot_lookup = True
 
-    def __init__(self, region: Region, control_files: Sequence[ControlFile]) -> None:
+    def __init__(
+        self,
+        region: Region,
+        registry: PageRegistry,
+        control_files: Sequence[ControlFile],
+        *,
+        track_references: bool = True,
+    ) -> None:
         super().__init__()
         self.region = region
+        self.registry = registry
+        self.sessions = PinSessions(registry, region.data_size)
         self.data_size = region.data_size
         self.counters = Counters()
+        self.track_references = track_references
         self._control = {FIRST_CONTROL_FILE_INODE + i: f for i, f in enumerate(control_files)}
         self._control_by_name = {f.name.encode(): inode for inode, f in self._control.items()}
+        self._control_by_name[PIN_NAME] = PIN_INODE
         self._open: dict[int, OpenFile] = {}
         self._next_fh = 1
         self._mount_ns = time.time_ns()
+        # References of reads whose reply still points into the mapping: dropped once it is sent.
+        self._replying = registry.in_flight
+
+    def add_control_files(self, control_files: Sequence[ControlFile]) -> None:
+        first = FIRST_CONTROL_FILE_INODE + len(self._control)
+        for inode, control_file in enumerate(control_files, start=first):
+            self._control[inode] = control_file
+            self._control_by_name[control_file.name.encode()] = inode
 
     def statistics(self) -> dict[str, int]:
         return {**dataclasses.asdict(self.counters), "open_files": len(self._open)}
+
+    def release_replied(self) -> None:
+        """Drop the references of read replies that have gone out (the transfer is over)."""
+        replying = self._replying
+        while replying:
+            self._drop(replying.pop())
 
     # Namespace
     def _attributes(self, inode: int) -> pyfuse3.EntryAttributes:
@@ -75,18 +112,18 @@ class PmemOperations(pyfuse3.Operations):
             attrs.st_mode, attrs.st_nlink = stat.S_IFDIR | 0o755, 3
         elif inode == CONTROL_DIR_INODE:
             attrs.st_mode, attrs.st_nlink = stat.S_IFDIR | 0o700, 2
-        elif inode == PMEM0_INODE:
+        elif inode in DATA_FILES:
             attrs.st_mode, attrs.st_nlink = stat.S_IFREG | 0o600, 1
             attrs.st_size = self.data_size
             attrs.st_blocks = self.data_size // 512
-        elif inode in self._control:
+        elif inode in self._control or inode == PIN_INODE:
             # Size 0 and direct_io opens: readers read until EOF, whatever the snapshot's length.
             attrs.st_mode, attrs.st_nlink = stat.S_IFREG | 0o600, 1
         else:
             raise pyfuse3.FUSEError(errno.ENOENT)
         attrs.st_ino = inode
         attrs.st_uid, attrs.st_gid = os.getuid(), os.getgid()
-        attrs.st_blksize = 4096
+        attrs.st_blksize = PAGE_SIZE
         attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = self._mount_ns
         attrs.attr_timeout = attrs.entry_timeout = ATTR_TIMEOUT_S
         return attrs
@@ -94,61 +131,66 @@ class PmemOperations(pyfuse3.Operations):
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
         return self._attributes(inode)
 
-    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
+    ) -> pyfuse3.EntryAttributes:
         return self._attributes(self._child(parent_inode, name))
+
+    def _entries(self, inode: int) -> dict[bytes, int]:
+        if inode == pyfuse3.ROOT_INODE:
+            return {**{n.encode(): i for i, n in DATA_FILES.items()}, CONTROL_DIR_NAME: CONTROL_DIR_INODE}
+        if inode == CONTROL_DIR_INODE:
+            return self._control_by_name
+        raise pyfuse3.FUSEError(errno.ENOTDIR)
 
     def _child(self, parent_inode: int, name: bytes) -> int:
         if name == b".":
             return parent_inode
-        if parent_inode == pyfuse3.ROOT_INODE:
-            children = {PMEM0_NAME: PMEM0_INODE, CONTROL_DIR_NAME: CONTROL_DIR_INODE, b"..": parent_inode}
-        elif parent_inode == CONTROL_DIR_INODE:
-            children = {**self._control_by_name, b"..": pyfuse3.ROOT_INODE}
-        else:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if name == b"..":
+            return pyfuse3.ROOT_INODE
         try:
-            return children[name]
+            return self._entries(parent_inode)[name]
         except KeyError:
             raise pyfuse3.FUSEError(errno.ENOENT) from None
 
     async def setattr(self, inode, attr, fields, fh, ctx):  # type: ignore[no-untyped-def]
         # Like a block device: the size is the device's, anything else (times, mode) is accepted and ignored.
-        if fields.update_size and not (inode == PMEM0_INODE and attr.st_size == self.data_size):
+        if fields.update_size and not (inode in DATA_FILES and attr.st_size == self.data_size):
             raise pyfuse3.FUSEError(errno.EINVAL)
         return self._attributes(inode)
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        if inode not in (pyfuse3.ROOT_INODE, CONTROL_DIR_INODE):
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        self._entries(inode)
         return inode
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        if fh == pyfuse3.ROOT_INODE:
-            entries = [(PMEM0_NAME, PMEM0_INODE), (CONTROL_DIR_NAME, CONTROL_DIR_INODE)]
-        else:
-            entries = list(self._control_by_name.items())
+        entries = list(self._entries(fh).items())
         for index, (name, inode) in enumerate(entries[start_id:], start=start_id + 1):
             if not pyfuse3.readdir_reply(token, name, self._attributes(inode), index):
                 break
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         data = pyfuse3.StatvfsData()
-        data.f_bsize = data.f_frsize = 4096
-        data.f_blocks = self.data_size // 4096
-        data.f_files = 2 + len(self._control)
+        data.f_bsize = data.f_frsize = PAGE_SIZE
+        data.f_blocks = self.data_size // PAGE_SIZE
+        data.f_files = len(DATA_FILES) + len(self._control_by_name)
         data.f_namemax = 255
         return data
 
     # Files
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        self.release_replied()
         fh = self._next_fh
         self._next_fh += 1
-        if inode == PMEM0_INODE:
+        if inode in DATA_FILES:
             # O_TRUNC is ignored, as a block device ignores it, so `dd of=pmem0` keeps the media.
-            direct = bool(flags & os.O_DIRECT)
+            direct = bool(flags & os.O_DIRECT) and inode == PMEM0_INODE
             self._open[fh] = OpenFile(inode, direct, ctx.pid)
             # keep_cache=False: each buffered open sees what O_DIRECT writers stored meanwhile.
             return pyfuse3.FileInfo(fh=fh, direct_io=direct, keep_cache=False)
+        if inode == PIN_INODE:
+            self._open[fh] = OpenFile(inode, True, ctx.pid, session=self.sessions.open(ctx.pid))
+            return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=True)
         if inode in self._control:
             if flags & os.O_ACCMODE != os.O_RDONLY:
                 raise pyfuse3.FUSEError(errno.EACCES)
@@ -156,30 +198,85 @@ class PmemOperations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
         raise pyfuse3.FUSEError(errno.EISDIR if inode in (pyfuse3.ROOT_INODE, CONTROL_DIR_INODE) else errno.ENOENT)
 
-    async def read(self, fh: int, off: int, size: int) -> memoryview | bytes:
-        handle = self._open[fh]
-        if handle.inode != PMEM0_INODE:
-            return handle.snapshot[off : off + size]
+    def _reference(self, handle: OpenFile, off: int, size: int) -> Holder | None:
+        """Take the reference a transfer holds: a pin for direct I/O, get_page for the page cache."""
+        if not self.track_references:
+            return None
+        registry = self.registry
+        pfn = off // PAGE_SIZE
+        npages = (off + size - 1) // PAGE_SIZE - pfn + 1
+        now = time.time_ns()
+        if handle.direct:
+            registry.pin_user_pages(pfn, npages)
+            registry.trace_at(now, "pin", handle.pid, handle.name, pfn, npages)
+            return Holder(0, handle.pid, handle.name, pfn, npages, Kind.PIN, now)
+        registry.get_page(pfn, npages)
+        registry.trace_at(now, "get", handle.pid, handle.name, pfn, npages)
+        return Holder(0, handle.pid, handle.name, pfn, npages, Kind.GET, now)
+
+    def _drop(self, holder: Holder) -> None:
+        registry = self.registry
+        if holder.kind is Kind.GET:
+            registry.put_page(holder.pfn, holder.npages)
+            registry.trace_at(time.time_ns(), "put", holder.pid, holder.file, holder.pfn, holder.npages)
+        else:
+            registry.unpin_user_pages(holder.pfn, holder.npages)
+            registry.trace_at(time.time_ns(), "unpin", holder.pid, holder.file, holder.pfn, holder.npages)
+
+    def _check_transfer(self, handle: OpenFile, off: int, size: int) -> None:
         if handle.direct and (off % SECTOR_SIZE or size % SECTOR_SIZE):
             self.counters.errors += 1
             raise pyfuse3.FUSEError(errno.EINVAL)
-        if off >= self.data_size:
+
+    # pyfuse3 replies with any contiguous buffer, so a view of the mapping saves a copy.
+    async def read(self, fh: int, off: int, size: int) -> memoryview | bytes:  # type: ignore[override]
+        if self._replying:
+            self.release_replied()
+        handle = self._open[fh]
+        if handle.session is not None:
+            # A stream (writes move the file position): serve a listing taken at the first read,
+            # end it with one empty read, and take a fresh one at the read after that.
+            if handle.listing is None:
+                handle.listing, handle.cursor = self.sessions.listing(handle.session), 0
+            chunk = handle.listing[handle.cursor : handle.cursor + size]
+            handle.cursor += len(chunk)
+            if not chunk:
+                handle.listing = None
+            return chunk
+        if not handle.name:
+            return handle.snapshot[off : off + size]
+        self._check_transfer(handle, off, size)
+        if off >= self.data_size or size == 0:
             return b""
         size = min(size, self.data_size - off)
+        try:
+            holder = self._reference(handle, off, size)
+        except PmemfsError as err:
+            self.counters.errors += 1
+            raise pyfuse3.FUSEError(err.errno) from None
         counters = self.counters
         counters.reads += 1
         counters.read_bytes += size
         counters.direct_reads += handle.direct
+        if holder is not None:
+            # The reply is copied out of the mapping after we return: the pin lasts until then.
+            self._replying.append(holder)
         return self.region.read(off, size)
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
+        if self._replying:
+            self.release_replied()
         handle = self._open[fh]
-        if handle.inode != PMEM0_INODE:
+        if handle.session is not None:
+            try:
+                self.sessions.command(handle.session, buf.decode(errors="replace"))
+            except PmemfsError as err:
+                raise pyfuse3.FUSEError(err.errno) from None
+            return len(buf)
+        if not handle.name:
             raise pyfuse3.FUSEError(errno.EBADF)
         size = len(buf)
-        if handle.direct and (off % SECTOR_SIZE or size % SECTOR_SIZE):
-            self.counters.errors += 1
-            raise pyfuse3.FUSEError(errno.EINVAL)
+        self._check_transfer(handle, off, size)
         if off >= self.data_size:
             self.counters.errors += 1
             raise pyfuse3.FUSEError(errno.ENOSPC)
@@ -188,7 +285,12 @@ class PmemOperations(pyfuse3.Operations):
             size = self.data_size - off
             buf = memoryview(buf)[:size]  # type: ignore[assignment]
         try:
-            self.region.write(off, buf)
+            holder = self._reference(handle, off, size)
+            try:
+                self.region.write(off, buf)
+            finally:
+                if holder is not None:
+                    self._drop(holder)
         except PmemfsError as err:
             self.counters.errors += 1
             raise pyfuse3.FUSEError(err.errno) from None
@@ -210,4 +312,7 @@ class PmemOperations(pyfuse3.Operations):
         pass
 
     async def release(self, fh: int) -> None:
-        self._open.pop(fh, None)
+        self.release_replied()
+        handle = self._open.pop(fh, None)
+        if handle is not None and handle.session is not None:
+            self.sessions.close(handle.session)

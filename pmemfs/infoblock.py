@@ -237,7 +237,9 @@ class InfoBlock:
     def geometry(self, size: int) -> Geometry:
         """The geometry this block describes for an image of ``size`` bytes, checked as the kernel checks it."""
         if self.dataoff >= size:
-            raise CorruptImage(f"info block: pfn array size exceeds capacity (dataoff {self.dataoff:#x}, size {size:#x})")
+            raise CorruptImage(
+                f"info block: pfn array size exceeds capacity (dataoff {self.dataoff:#x}, size {size:#x})"
+            )
         if self.dataoff % self.align or self.dataoff % PAGE_SIZE:
             raise CorruptImage(f"info block: bad offset: {self.dataoff:#x} dax disabled align: {self.align:#x}")
         if (size - self.end_trunc) % DEFAULT_ALIGN:
@@ -298,9 +300,21 @@ class Header:
             raise ValueError(f"badblocks table holds at most {BADBLOCKS_MAX} extents")
         block = bytearray(PAGE_SIZE)
         _HEADER.pack_into(
-            block, 0, HEADER_MAGIC, HEADER_VERSION, self.flags, self.image_size, self.uuid,
-            self.mount_count, self.unclean_shutdowns, self.created_ns, self.last_mount_ns,
-            MAPS[self.map], int(self.mode == "devdax"), self.align, len(self.badblocks),
+            block,
+            0,
+            HEADER_MAGIC,
+            HEADER_VERSION,
+            self.flags,
+            self.image_size,
+            self.uuid,
+            self.mount_count,
+            self.unclean_shutdowns,
+            self.created_ns,
+            self.last_mount_ns,
+            MAPS[self.map],
+            int(self.mode == "devdax"),
+            self.align,
+            len(self.badblocks),
         )
         for i, (sector, count) in enumerate(self.badblocks):
             _BADBLOCK.pack_into(block, BADBLOCKS_OFFSET + i * _BADBLOCK.size, sector, count)
@@ -310,22 +324,46 @@ class Header:
     def unpack(cls, block: bytes) -> Header:
         if len(block) < PAGE_SIZE:
             raise CorruptImage("header: file too short to be a pmemfs image")
-        (magic, version, flags, image_size, uuid, mounts, unclean, created, last_mount,
-         map_code, devdax, align, nbad) = _HEADER.unpack_from(block, 0)
+        (
+            magic,
+            version,
+            flags,
+            image_size,
+            uuid,
+            mounts,
+            unclean,
+            created,
+            last_mount,
+            map_code,
+            devdax,
+            align,
+            nbad,
+        ) = _HEADER.unpack_from(block, 0)
         if magic != HEADER_MAGIC:
             raise CorruptImage(f"header: bad magic {magic!r}, not a pmemfs image")
         if not _checksum_ok(block):
             raise CorruptImage("header: checksum mismatch")
         if version != HEADER_VERSION:
-            raise CorruptImage(f"header: format version {version} is not supported (this pmemfs reads {HEADER_VERSION})")
+            raise CorruptImage(
+                f"header: format version {version} is not supported (this pmemfs reads {HEADER_VERSION})"
+            )
         if map_code not in (PFN_MODE_RAM, PFN_MODE_PMEM) or devdax not in (0, 1):
             raise CorruptImage(f"header: map {map_code} / devdax {devdax} are not valid values")
         if nbad > BADBLOCKS_MAX:
             raise CorruptImage(f"header: badblock_count {nbad} exceeds the table's {BADBLOCKS_MAX} extents")
         badblocks = tuple(_BADBLOCK.unpack_from(block, BADBLOCKS_OFFSET + i * _BADBLOCK.size) for i in range(nbad))
         return cls(
-            image_size, uuid, "devdax" if devdax else "fsdax", "dev" if map_code == PFN_MODE_PMEM else "mem",
-            align, flags, mounts, unclean, created, last_mount, badblocks,
+            image_size,
+            uuid,
+            "devdax" if devdax else "fsdax",
+            "dev" if map_code == PFN_MODE_PMEM else "mem",
+            align,
+            flags,
+            mounts,
+            unclean,
+            created,
+            last_mount,
+            badblocks,
         )
 
     def as_dict(self) -> dict[str, object]:

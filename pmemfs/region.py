@@ -5,6 +5,8 @@ This is the only module that touches the backing file. It knows nothing of FUSE.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 import errno
 import fcntl
@@ -16,11 +18,11 @@ import numpy as np
 
 from .errors import CorruptImage, ImageBusy, NoSpace, PmemfsError, UsageError
 from .infoblock import (
+    FLAG_CLEAN,
     HEADER_OFFSET,
     INFOBLOCK_OFFSET,
     INFOBLOCK_SIZE,
     PAGE_SIZE,
-    FLAG_CLEAN,
     Geometry,
     Header,
     InfoBlock,
@@ -29,6 +31,10 @@ from .infoblock import (
 # Blocks of the image are allocated this many bytes at a time before the first store into them,
 # so that a full backing filesystem is an ENOSPC for the writer instead of a SIGBUS in the daemon.
 ALLOC_CHUNK = 2 << 20
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,8 +146,9 @@ class Region:
         with open(fd, "r+b", closefd=False) as image_file:
             self.image = np.memmap(image_file, dtype=np.uint8, mode="r+", shape=(info.file_size,))
         dataoff = self.geometry.dataoff
-        self.data = self.image[dataoff : dataoff + self.geometry.data_size]
-        self._data_bytes = memoryview(self.data)
+        # Plain ndarray views: indexing an np.memmap goes through Python-level __getitem__.
+        self.data = self.image[dataoff : dataoff + self.geometry.data_size].view(np.ndarray)
+        self._data_bytes = self.data.data
         self.data_size = self.geometry.data_size
         self._allocated = np.zeros(-(-info.file_size // ALLOC_CHUNK), dtype=bool)
         self.previous_shutdown_clean = info.header.clean
@@ -192,6 +199,36 @@ class Region:
             self._allocate(first, last)
         self._data_bytes[offset : offset + len(data)] = data
 
+    def allocate(self, image_offset: int, length: int) -> None:
+        """Allocate the image's blocks under [image_offset, +length) before anything stores there."""
+        self._allocate(image_offset // ALLOC_CHUNK, (image_offset + length - 1) // ALLOC_CHUNK)
+
+    def punch_hole(self, image_offset: int, length: int) -> None:
+        """Give whole pages back to the backing filesystem; they read as zeros afterwards."""
+        if _libc.fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, image_offset, length) != 0:
+            err = ctypes.get_errno()
+            raise PmemfsError(f"{self.path}: cannot punch a hole: {os.strerror(err)}", errno=err)
+        # Every chunk that now has a hole must be allocated again before the next store into it.
+        self._allocated[image_offset // ALLOC_CHUNK : (image_offset + length - 1) // ALLOC_CHUNK + 1] = False
+
+    def extents(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The allocated (data) extents of the image within [start, end), from SEEK_DATA/SEEK_HOLE."""
+        found = []
+        offset = start
+        while offset < end:
+            try:
+                data = os.lseek(self.fd, offset, os.SEEK_DATA)
+            except OSError as err:
+                if err.errno == errno.ENXIO:
+                    break
+                raise
+            if data >= end:
+                break
+            hole = os.lseek(self.fd, data, os.SEEK_HOLE)
+            found.append((data, min(hole, end)))
+            offset = hole
+        return found
+
     def _allocate(self, first_chunk: int, last_chunk: int) -> None:
         start = first_chunk * ALLOC_CHUNK
         end = min((last_chunk + 1) * ALLOC_CHUNK, self.info.file_size)
@@ -219,4 +256,6 @@ class Region:
         finally:
             # Dropping the views unmaps the image once the last reply that borrowed one is gone.
             del self._data_bytes, self.data, self.image
+            # The mapping holds a dup of our fd, and with it the lock: release the lock explicitly.
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)

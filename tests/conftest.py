@@ -42,7 +42,11 @@ def sha256_of(path: str) -> str:
 
 def fuse_mounts_under(prefix: str) -> list[str]:
     with open("/proc/mounts") as mounts:
-        return [line.split()[1] for line in mounts if line.split()[2].startswith("fuse") and line.split()[1].startswith(prefix)]
+        return [
+            line.split()[1]
+            for line in mounts
+            if line.split()[2].startswith("fuse") and line.split()[1].startswith(prefix)
+        ]
 
 
 def process_alive(pid: int) -> bool:

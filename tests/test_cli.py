@@ -6,7 +6,6 @@ import os
 import time
 
 import pytest
-
 from conftest import create_image, pmemfs, sha256_of
 
 

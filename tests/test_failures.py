@@ -8,7 +8,6 @@ import signal
 import subprocess
 
 import pytest
-
 from conftest import DirectFile, create_image, mounted, pmemfs, process_alive, wait_for
 
 

@@ -8,7 +8,6 @@ import shutil
 import subprocess
 
 import pytest
-
 from conftest import Mount, mounted, pmemfs
 
 pytestmark = pytest.mark.skipif(shutil.which("fio") is None, reason="fio is not installed (make test installs it)")

@@ -41,7 +41,9 @@ def test_unaligned_end_is_truncated() -> None:
     assert g.end_trunc == 1 << 20
 
 
-@pytest.mark.parametrize("size, hint", [((16 << 20) - 4096, "at least 16M"), ((1 << 30) + 100, "1073741824 or 1073745920")])
+@pytest.mark.parametrize(
+    "size, hint", [((16 << 20) - 4096, "at least 16M"), ((1 << 30) + 100, "1073741824 or 1073745920")]
+)
 def test_bad_sizes_name_a_valid_size(size: int, hint: str) -> None:
     with pytest.raises(UsageError, match=hint):
         Geometry.compute(size)
@@ -76,6 +78,8 @@ def test_header_roundtrip_keeps_badblocks() -> None:
         Header.unpack(bytes(4096))
 
 
-@pytest.mark.parametrize("text, value", [("4096", 4096), ("16M", 16 << 20), ("1G+1M", (1 << 30) + (1 << 20)), ("1t", 1 << 40)])
+@pytest.mark.parametrize(
+    "text, value", [("4096", 4096), ("16M", 16 << 20), ("1G+1M", (1 << 30) + (1 << 20)), ("1t", 1 << 40)]
+)
 def test_parse_size(text: str, value: int) -> None:
     assert parse_size(text) == value

@@ -7,7 +7,6 @@ import shutil
 import subprocess
 
 import pytest
-
 from conftest import create_image, mounted, pmemfs
 
 pytestmark = pytest.mark.skipif(

@@ -7,7 +7,6 @@ import shutil
 import subprocess
 
 import pytest
-
 from conftest import create_image
 
 SIZES = ["16M", "1G", "1G+1M", "3G+4K", "1T"]

@@ -1,0 +1,317 @@
+"""The page registry: get_page/put_page and pin_user_pages over page ranges, the device reference.
+
+Refcounts are zero-based as in Linux: 0 is an idle page, ``get_page`` adds 1, ``pin_user_pages``
+adds ``GUP_PIN_COUNTING_BIAS`` (FOLL_PIN), and a page is "maybe DMA pinned" from that bias up.
+Records are 64 bytes a page (``page_struct_size``): an epoch that proves which daemon wrote them,
+and one signed counter column per serving process, so each process writes only its own column
+and a page's refcount is the sum of its row. Every operation works on whole ranges with numpy.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+import errno
+import itertools
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+import numpy as np
+
+from .errors import PmemfsError
+
+GUP_PIN_COUNTING_BIAS = 1024
+NCOLUMNS = 14
+RECORD_DTYPE = np.dtype([("epoch", "<u4"), ("flags", "<u4"), ("refs", "<i4", (NCOLUMNS,))])
+REFS_OFFSET = 8
+assert RECORD_DTYPE.itemsize == 64 and RECORD_DTYPE.fields is not None and RECORD_DTYPE.fields["refs"][1] == REFS_OFFSET
+# Records are backed (allocated in the image, stamped with the epoch) this many pages at a time,
+# and only backed chunks are scanned when listing references.
+CHUNK_PAGES = 32768  # 2 MiB of records
+TRACE_EVENTS = 4096
+
+
+class Kind(enum.Enum):
+    GET = "get"  # get_page: buffered page-cache fills and writebacks
+    PIN = "pin"  # pin_user_pages (FOLL_PIN): a direct-I/O transfer, or a short-term session pin
+    LONGTERM = "longterm"  # FOLL_PIN | FOLL_LONGTERM: an RDMA-style registration
+
+    @property
+    def delta(self) -> int:
+        return 1 if self is Kind.GET else GUP_PIN_COUNTING_BIAS
+
+
+class DeviceGone(PmemfsError):
+    """Raised by a new reference after the device reference was killed (teardown under way): ENXIO."""
+
+    errno = errno.ENXIO
+
+
+class LongtermNotSupported(PmemfsError):
+    """Raised for a long-term pin of an fsdax view: EOPNOTSUPP, as FOLL_LONGTERM on fsdax in Linux."""
+
+    errno = errno.EOPNOTSUPP
+
+
+class UnbalancedPut(PmemfsError):
+    """Raised when a put or unpin would drive a page's refcount below zero; nothing is changed."""
+
+    errno = errno.EINVAL
+
+
+class Holder(NamedTuple):
+    """Who holds a reference: the process that opened the file, the file, the range, the kind, since when.
+
+    A NamedTuple because the direct-I/O path makes one per transfer.
+    """
+
+    id: int
+    pid: int
+    file: str
+    pfn: int
+    npages: int
+    kind: Kind
+    since_ns: int
+
+    def as_dict(self, now_ns: int | None = None) -> dict[str, object]:
+        now_ns = now_ns or time.time_ns()
+        return {
+            "id": self.id,
+            "pid": self.pid,
+            "file": self.file,
+            "pfn": self.pfn,
+            "npages": self.npages,
+            "offset": self.pfn * 4096,
+            "length": self.npages * 4096,
+            "kind": self.kind.value,
+            "age_s": round((now_ns - self.since_ns) / 1e9, 3),
+        }
+
+
+class Event(NamedTuple):
+    seq: int
+    time_ns: int
+    what: str  # get, put, pin, unpin, refused, teardown, revive, reset, session
+    pid: int
+    file: str
+    pfn: int
+    npages: int
+    note: str = ""
+
+    def line(self) -> str:
+        stamp = time.strftime("%H:%M:%S", time.localtime(self.time_ns / 1e9)) + f".{self.time_ns % 10**9 // 1000:06d}"
+        where = f" {self.file} pfn {self.pfn}+{self.npages}" if self.npages else ""
+        return f"{self.seq} {stamp} {self.what} pid {self.pid}{where}{' ' + self.note if self.note else ''}"
+
+
+@dataclasses.dataclass
+class Counters:
+    nr_foll_pin_acquired: int = 0  # pages, as /proc/vmstat counts them
+    nr_foll_pin_released: int = 0
+    nr_get_page: int = 0
+    nr_put_page: int = 0
+    nr_unbalanced: int = 0
+    nr_refused: int = 0
+
+
+class PageRegistry:
+    """Refcounts for ``npfns`` data pages over a record array that lives in the image or in DRAM."""
+
+    def __init__(
+        self,
+        records: np.ndarray,
+        *,
+        epoch: int,
+        column: int = 0,
+        back_chunk: Callable[[int], None] | None = None,
+    ) -> None:
+        assert records.dtype == RECORD_DTYPE
+        self.records = records
+        self.npfns = len(records)
+        self.epoch = epoch
+        self.column = column
+        self._refs = records["refs"]
+        self._own = self._refs[:, column]
+        # Single pages (most 4k transfers) go through a memoryview: a tenth of numpy's scalar cost.
+        self._words = records.view(np.int32).reshape(-1).data
+        self._own_word = REFS_OFFSET // 4 + column
+        self._back_chunk = back_chunk
+        self._backed = np.zeros(-(-self.npfns // CHUNK_PAGES), dtype=bool)
+        self._backed_bytes = self._backed.data.cast("B")
+        self.counters = Counters()
+        self.alive = True
+        self._holders: dict[int, Holder] = {}
+        # Holders of transfers under way (direct-I/O reads whose reply is being sent), kept by fs.
+        self.in_flight: list[Holder] = []
+        self._holder_ids = itertools.count(1)
+        self._trace: collections.deque[Event] = collections.deque(maxlen=TRACE_EVENTS)
+        self._seq = itertools.count(1)
+
+    # The kernel's operations, on [pfn, pfn + npages).
+    def get_page(self, pfn: int, npages: int = 1) -> None:
+        self._add(pfn, npages, 1)
+        self.counters.nr_get_page += npages
+
+    def put_page(self, pfn: int, npages: int = 1) -> None:
+        self._sub(pfn, npages, 1)
+        self.counters.nr_put_page += npages
+
+    def pin_user_pages(self, pfn: int, npages: int = 1) -> None:
+        if not self.alive:
+            self.counters.nr_refused += 1
+            raise DeviceGone("the device is being torn down: no new pins")
+        self._add(pfn, npages, GUP_PIN_COUNTING_BIAS)
+        self.counters.nr_foll_pin_acquired += npages
+
+    def unpin_user_pages(self, pfn: int, npages: int = 1) -> None:
+        self._sub(pfn, npages, GUP_PIN_COUNTING_BIAS)
+        self.counters.nr_foll_pin_released += npages
+
+    def page_ref_count(self, pfn: int) -> int:
+        return int(self._refs[pfn].sum())
+
+    def page_maybe_dma_pinned(self, pfn: int) -> bool:
+        return self.page_ref_count(pfn) >= GUP_PIN_COUNTING_BIAS
+
+    def refcounts(self, pfn: int, npages: int) -> np.ndarray:
+        return self._refs[pfn : pfn + npages].sum(axis=1)
+
+    def _add(self, pfn: int, npages: int, delta: int) -> None:
+        if npages == 1:
+            if not self._backed_bytes[pfn // CHUNK_PAGES]:
+                self._back(pfn // CHUNK_PAGES, pfn // CHUNK_PAGES)
+            self._words[pfn * 16 + self._own_word] += delta
+            return
+        first, last = pfn // CHUNK_PAGES, (pfn + npages - 1) // CHUNK_PAGES
+        if not self._backed[first : last + 1].all():
+            self._back(first, last)
+        self._own[pfn : pfn + npages] += delta
+
+    def _sub(self, pfn: int, npages: int, delta: int) -> None:
+        if npages == 1:
+            index = pfn * 16 + self._own_word
+            # Fast path: this process took the reference it drops. Otherwise another process may have.
+            if self._words[index] >= delta or self.page_ref_count(pfn) >= delta:
+                self._words[index] -= delta
+                return
+        else:
+            own = self._own[pfn : pfn + npages]
+            if own.min() >= delta or (self.refcounts(pfn, npages) >= delta).all():
+                own -= delta
+                return
+        self.counters.nr_unbalanced += 1
+        bad = pfn + int(np.flatnonzero(self.refcounts(pfn, npages) < delta)[0])
+        self.trace("refused", 0, "", pfn, npages, f"unbalanced: page {bad} has refcount {self.page_ref_count(bad)}")
+        raise UnbalancedPut(f"unbalanced put of {delta} on page {bad} (refcount {self.page_ref_count(bad)})")
+
+    def _back(self, first_chunk: int, last_chunk: int) -> None:
+        for chunk in np.flatnonzero(~self._backed[first_chunk : last_chunk + 1]) + first_chunk:
+            if self._back_chunk is not None:
+                self._back_chunk(int(chunk))
+            lo = int(chunk) * CHUNK_PAGES
+            self.records["epoch"][lo : lo + CHUNK_PAGES] = self.epoch
+            self._backed[chunk] = True
+
+    # Holders: each reference taken for a client knows who took it.
+    def take(self, kind: Kind, pid: int, file: str, pfn: int, npages: int) -> Holder:
+        """Take a reference of ``kind`` for a client and remember it; drop it with :meth:`drop`."""
+        if kind is Kind.GET:
+            self.get_page(pfn, npages)
+        else:
+            self.pin_user_pages(pfn, npages)
+        holder = Holder(next(self._holder_ids), pid, file, pfn, npages, kind, time.time_ns())
+        self._holders[holder.id] = holder
+        return holder
+
+    def drop(self, holder: Holder) -> None:
+        del self._holders[holder.id]
+        if holder.kind is Kind.GET:
+            self.put_page(holder.pfn, holder.npages)
+        else:
+            self.unpin_user_pages(holder.pfn, holder.npages)
+
+    def holders(self) -> list[Holder]:
+        return sorted([*self._holders.values(), *self.in_flight], key=lambda h: (h.pfn, h.id))
+
+    def holders_of(self, pfn: int, npages: int = 1) -> list[Holder]:
+        return [h for h in self.holders() if h.pfn < pfn + npages and pfn < h.pfn + h.npages]
+
+    # The device reference (dev_pagemap's percpu_ref).
+    def kill(self) -> None:
+        self.alive = False
+        self.trace("teardown", 0, "", 0, 0, "device reference killed: new pins fail with ENXIO")
+
+    def revive(self) -> None:
+        if not self.alive:
+            self.alive = True
+            self.trace("revive", 0, "", 0, 0, "device reference revived")
+
+    # Queries.
+    def referenced_ranges(self) -> list[dict[str, int]]:
+        """Runs of pages with the same nonzero refcount, scanning only chunks that were ever backed."""
+        ranges: list[dict[str, int]] = []
+        for chunk in np.flatnonzero(self._backed):
+            lo = int(chunk) * CHUNK_PAGES
+            counts = self.refcounts(lo, min(CHUNK_PAGES, self.npfns - lo))
+            edges = np.flatnonzero(np.diff(counts, prepend=0, append=0))
+            for start, end in zip(edges[:-1], edges[1:], strict=False):
+                count = int(counts[start])
+                if count:
+                    _extend_or_append(ranges, lo + int(start), lo + int(end), count)
+        return ranges
+
+    def first_busy_page(self, pfn: int, npages: int) -> int | None:
+        """The first page of the range that someone references (``dax_layout_busy_page``), else None."""
+        first, last = pfn // CHUNK_PAGES, (pfn + npages - 1) // CHUNK_PAGES
+        if not self._backed[first : last + 1].any():
+            return None
+        busy = np.flatnonzero(self.refcounts(pfn, npages))
+        return pfn + int(busy[0]) if len(busy) else None
+
+    def statistics(self) -> dict[str, object]:
+        ranges = self.referenced_ranges()
+        return {
+            **dataclasses.asdict(self.counters),
+            "referenced_pages": sum(r["npages"] for r in ranges),
+            "pinned_pages": sum(r["npages"] for r in ranges if r["refcount"] >= GUP_PIN_COUNTING_BIAS),
+            "holders": len(self._holders) + len(self.in_flight),
+            "device_alive": self.alive,
+        }
+
+    # Trace.
+    def trace(self, what: str, pid: int, file: str, pfn: int, npages: int, note: str = "") -> None:
+        self._trace.append(Event(next(self._seq), time.time_ns(), what, pid, file, pfn, npages, note))
+
+    def trace_at(self, now_ns: int, what: str, pid: int, file: str, pfn: int, npages: int) -> None:
+        """The hot path's trace: the caller already has the time."""
+        self._trace.append(Event(next(self._seq), now_ns, what, pid, file, pfn, npages))
+
+    def events(self) -> list[Event]:
+        return list(self._trace)
+
+    # Reset after a daemon that died.
+    def stale_ranges(self, previous_epoch: int, pfn_extents: list[tuple[int, int]]) -> list[dict[str, int]]:
+        """Referenced ranges left by the daemon of ``previous_epoch`` within ``pfn_extents`` (the
+        records that are allocated at all); records written by anyone else are not ours and ignored."""
+        ranges: list[dict[str, int]] = []
+        for extent_lo, extent_hi in pfn_extents:
+            for lo in range(extent_lo, extent_hi, CHUNK_PAGES):
+                block = self.records[lo : min(lo + CHUNK_PAGES, extent_hi)]
+                counts = np.where(block["epoch"] == previous_epoch, block["refs"].sum(axis=1), 0)
+                edges = np.flatnonzero(np.diff(counts, prepend=0, append=0))
+                for start, end in zip(edges[:-1], edges[1:], strict=False):
+                    if counts[start]:
+                        _extend_or_append(ranges, lo + int(start), lo + int(end), int(counts[start]))
+        return ranges
+
+
+def _extend_or_append(ranges: list[dict[str, int]], start: int, end: int, refcount: int) -> None:
+    last = ranges[-1] if ranges else None
+    if last and last["pfn"] + last["npages"] == start and last["refcount"] == refcount:
+        last["npages"] += end - start
+    else:
+        ranges.append(
+            {"pfn": start, "npages": end - start, "refcount": refcount, "pins": refcount // GUP_PIN_COUNTING_BIAS}
+        )

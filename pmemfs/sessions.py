@@ -1,0 +1,131 @@
+"""Pin sessions: long-term (and short-term) pins that a client holds through an open ``.pmemfs/pin``.
+
+A session is one open file description. The client writes one command per write():
+
+    pin FILE OFFSET LENGTH [longterm]   pin the pages under the byte range of pmem0 or dax0
+    unpin ID                            drop one of this session's pins
+    kill                                kill the device reference (teardown: new pins get ENXIO)
+    revive                              revive it
+
+and reads back its pins as ``ID FILE OFFSET LENGTH KIND`` lines. Closing the file, which the
+kernel does for a client that dies, drops every pin of the session, and revives a device
+reference that this session killed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+
+from .errors import InvalidRange, PmemfsError
+from .infoblock import PAGE_SIZE
+from .pages import Holder, Kind, LongtermNotSupported, PageRegistry
+
+# Which views allow FOLL_LONGTERM: devdax does, fsdax does not (Linux refuses it on fsdax).
+LONGTERM_ALLOWED = {"pmem0": False, "dax0": True}
+
+
+@dataclasses.dataclass
+class Session:
+    pid: int
+    pins: dict[int, Holder] = dataclasses.field(default_factory=dict)
+    killed_device: bool = False
+
+
+class SessionCommandError(PmemfsError):
+    errno = errno.EINVAL
+
+
+class PinSessions:
+    def __init__(self, registry: PageRegistry, data_size: int) -> None:
+        self.registry = registry
+        self.data_size = data_size
+
+    def open(self, pid: int) -> Session:
+        self.registry.trace("session", pid, "", 0, 0, "opened")
+        return Session(pid)
+
+    def command(self, session: Session, text: str) -> None:
+        words = text.split()
+        if not words:
+            raise SessionCommandError("empty command")
+        verb, args = words[0], words[1:]
+        if verb == "pin" and len(args) in (3, 4):
+            if args[3:] not in ([], ["longterm"]):
+                raise SessionCommandError(f"unknown pin flag {args[3]!r}")
+            self.pin(session, args[0], _number(args[1]), _number(args[2]), longterm=len(args) == 4)
+        elif verb == "unpin" and len(args) == 1:
+            holder = session.pins.pop(_number(args[0]), None)
+            if holder is None:
+                raise SessionCommandError(f"this session holds no pin {args[0]}")
+            self.registry.drop(holder)
+            self.registry.trace(
+                "unpin", session.pid, holder.file, holder.pfn, holder.npages, f"session pin {holder.id}"
+            )
+        elif verb == "kill" and not args:
+            session.killed_device = True
+            self.registry.kill()
+        elif verb == "revive" and not args:
+            session.killed_device = False
+            self.registry.revive()
+        else:
+            raise SessionCommandError(f"unknown command {text.strip()!r}")
+
+    def pin(self, session: Session, file: str, offset: int, length: int, *, longterm: bool) -> Holder:
+        if file not in LONGTERM_ALLOWED:
+            raise SessionCommandError(f"no file {file!r}: pin pmem0 or dax0")
+        if offset < 0 or length <= 0 or offset + length > self.data_size:
+            raise InvalidRange(f"range {offset}+{length} is outside the data area (0-{self.data_size})")
+        kind = Kind.LONGTERM if longterm else Kind.PIN
+        pfn, npages = offset // PAGE_SIZE, -(-(offset + length) // PAGE_SIZE) - offset // PAGE_SIZE
+        if longterm and not LONGTERM_ALLOWED[file]:
+            self.registry.counters.nr_refused += 1
+            self.registry.trace("refused", session.pid, file, pfn, npages, "FOLL_LONGTERM on fsdax")
+            raise LongtermNotSupported(f"{file} is fsdax: long-term pins are not supported (pin dax0)")
+        try:
+            holder = self.registry.take(kind, session.pid, file, pfn, npages)
+        except PmemfsError:
+            self.registry.trace("refused", session.pid, file, pfn, npages, "device reference is dead")
+            raise
+        session.pins[holder.id] = holder
+        self.registry.trace("pin", session.pid, file, pfn, npages, f"session pin {holder.id} ({kind.value})")
+        return holder
+
+    def listing(self, session: Session) -> bytes:
+        return "".join(
+            f"{h.id} {h.file} {h.pfn * PAGE_SIZE} {h.npages * PAGE_SIZE} {h.kind.value}\n"
+            for h in session.pins.values()
+        ).encode()
+
+    def close(self, session: Session) -> None:
+        gone = not _process_running(session.pid)
+        for holder in session.pins.values():
+            self.registry.drop(holder)
+            self.registry.trace(
+                "unpin", session.pid, holder.file, holder.pfn, holder.npages,
+                f"session pin {holder.id} dropped: " + ("client died" if gone else "session closed"),
+            )  # fmt: skip
+        session.pins.clear()
+        if session.killed_device:
+            self.registry.revive()
+        self.registry.trace("session", session.pid, "", 0, 0, "closed" + (" (client died)" if gone else ""))
+
+
+def _number(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise SessionCommandError(f"not a number: {text!r}") from None
+
+
+def _process_running(pid: int) -> bool:
+    """False for a process that is gone or on its way out (exiting processes close their files)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    state, flags = fields[0], int(fields[6])
+    PF_EXITING = 0x4
+    return state not in ("Z", "X") and not flags & PF_EXITING and os.path.exists(f"/proc/{pid}")

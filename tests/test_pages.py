@@ -1,0 +1,168 @@
+"""Unit tests of the page registry: bias arithmetic, ranges, unbalanced puts, where records live, reset."""
+
+from __future__ import annotations
+
+import mmap
+
+import numpy as np
+import pytest
+from conftest import create_image
+
+from pmemfs.memmap import memmap_span, open_registry
+from pmemfs.pages import GUP_PIN_COUNTING_BIAS, RECORD_DTYPE, DeviceGone, Kind, PageRegistry, UnbalancedPut
+from pmemfs.region import Region
+
+
+@pytest.fixture
+def registry() -> PageRegistry:
+    shared = mmap.mmap(-1, 100_000 * RECORD_DTYPE.itemsize, flags=mmap.MAP_SHARED)
+    return PageRegistry(np.frombuffer(shared, dtype=RECORD_DTYPE), epoch=7)
+
+
+def test_get_put_pin_unpin_bias(registry: PageRegistry) -> None:
+    registry.get_page(10)
+    registry.pin_user_pages(10)
+    assert registry.page_ref_count(10) == 1 + GUP_PIN_COUNTING_BIAS
+    assert registry.page_maybe_dma_pinned(10)
+    registry.unpin_user_pages(10)
+    assert registry.page_ref_count(10) == 1 and not registry.page_maybe_dma_pinned(10)
+    registry.put_page(10)
+    assert registry.page_ref_count(10) == 0
+    c = registry.counters
+    assert (c.nr_foll_pin_acquired, c.nr_foll_pin_released, c.nr_get_page, c.nr_put_page) == (1, 1, 1, 1)
+
+
+def test_a_thousand_gets_are_not_a_pin(registry: PageRegistry) -> None:
+    for _ in range(GUP_PIN_COUNTING_BIAS - 1):
+        registry.get_page(3)
+    assert not registry.page_maybe_dma_pinned(3)
+    registry.get_page(3)
+    assert registry.page_maybe_dma_pinned(3)  # the kernel's documented false positive
+
+
+def test_range_operations_and_referenced_ranges(registry: PageRegistry) -> None:
+    registry.pin_user_pages(100, 50)
+    registry.get_page(120, 50)
+    assert registry.referenced_ranges() == [
+        {"pfn": 100, "npages": 20, "refcount": 1024, "pins": 1},
+        {"pfn": 120, "npages": 30, "refcount": 1025, "pins": 1},
+        {"pfn": 150, "npages": 20, "refcount": 1, "pins": 0},
+    ]
+    assert registry.first_busy_page(0, 1000) == 100
+    assert registry.first_busy_page(170, 1000) is None
+    registry.unpin_user_pages(100, 50)
+    registry.put_page(120, 50)
+    assert registry.referenced_ranges() == []
+    assert registry.counters.nr_foll_pin_acquired == registry.counters.nr_foll_pin_released == 50
+
+
+def test_ranges_across_chunks(registry: PageRegistry) -> None:
+    registry.pin_user_pages(32000, 2000)  # spans two 32768-page chunks
+    assert registry.referenced_ranges() == [{"pfn": 32000, "npages": 2000, "refcount": 1024, "pins": 1}]
+    registry.unpin_user_pages(32000, 2000)
+
+
+@pytest.mark.parametrize("npages", [1, 64])
+def test_unbalanced_put_is_refused_and_counted(registry: PageRegistry, npages: int) -> None:
+    registry.get_page(5, npages)
+    with pytest.raises(UnbalancedPut):
+        registry.unpin_user_pages(5, npages)
+    with pytest.raises(UnbalancedPut):
+        registry.put_page(4, npages + 1)  # page 4 has no reference
+    assert registry.refcounts(4, npages + 1).tolist() == [0] + [1] * npages
+    assert registry.counters.nr_unbalanced == 2
+    assert any(e.what == "refused" for e in registry.events())
+
+
+def test_another_process_column_counts_toward_the_total(registry: PageRegistry) -> None:
+    other = PageRegistry(registry.records, epoch=7, column=1)
+    other.pin_user_pages(9)
+    registry.unpin_user_pages(9)  # released by another serving process: allowed, the sum stays >= 0
+    assert registry.page_ref_count(9) == 0
+    assert (
+        registry.records["refs"][9, 0] == -GUP_PIN_COUNTING_BIAS
+        and registry.records["refs"][9, 1] == GUP_PIN_COUNTING_BIAS
+    )
+
+
+def test_killed_device_refuses_new_pins(registry: PageRegistry) -> None:
+    holder = registry.take(Kind.LONGTERM, 42, "dax0", 0, 8)
+    registry.kill()
+    with pytest.raises(DeviceGone):
+        registry.pin_user_pages(100)
+    registry.drop(holder)  # dropping what is held still works during teardown
+    registry.revive()
+    registry.pin_user_pages(100)
+    assert registry.counters.nr_refused == 1
+
+
+def test_pin_and_unpin_of_one_gib_are_single_operations(registry: PageRegistry) -> None:
+    big = PageRegistry(
+        np.frombuffer(mmap.mmap(-1, 262144 * RECORD_DTYPE.itemsize, flags=mmap.MAP_SHARED), dtype=RECORD_DTYPE), epoch=1
+    )
+    big.pin_user_pages(0, 262144)
+    assert big.referenced_ranges() == [{"pfn": 0, "npages": 262144, "refcount": 1024, "pins": 1}]
+    big.unpin_user_pages(0, 262144)
+    assert big.referenced_ranges() == []
+
+
+def test_map_dev_records_live_in_the_image_carve_out(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    region = Region.open(create_image(tmp_path / "x.img", "64M"))
+    try:
+        registry, stale = open_registry(region, previous_epoch=0, epoch=1)
+        assert stale == []
+        registry.pin_user_pages(3)
+        start, _ = memmap_span(region)
+        record = np.frombuffer(bytes(region.image[start + 3 * 64 : start + 4 * 64]), dtype=RECORD_DTYPE)[0]
+        assert record["epoch"] == 1 and record["refs"].sum() == GUP_PIN_COUNTING_BIAS
+    finally:
+        region.close(clean=False)
+
+
+def test_map_mem_records_stay_out_of_the_image(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    region = Region.open(create_image(tmp_path / "x.img", "64M", "--map", "mem"))
+    try:
+        before = bytes(region.image[: region.geometry.dataoff])
+        registry, _ = open_registry(region, previous_epoch=0, epoch=1)
+        registry.pin_user_pages(0, 100)
+        assert bytes(region.image[: region.geometry.dataoff]) == before
+    finally:
+        region.close(clean=False)
+
+
+def test_stale_references_of_a_dead_daemon_are_reported_and_reset_in_bulk(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = create_image(tmp_path / "x.img", "256M")
+    region = Region.open(path)
+    registry, _ = open_registry(region, previous_epoch=0, epoch=1)
+    registry.pin_user_pages(10, 20)
+    registry.get_page(40000, 3)
+    region.close(clean=False)  # the daemon "dies": nothing resets the records
+
+    region = Region.open(path)
+    try:
+        start, end = memmap_span(region)
+        assert region.extents(start, end)
+        registry, stale = open_registry(region, previous_epoch=1, epoch=2)
+        assert stale == [
+            {"pfn": 10, "npages": 20, "refcount": 1024, "pins": 1},
+            {"pfn": 40000, "npages": 3, "refcount": 1, "pins": 0},
+        ]
+        assert region.extents(start, end) == []  # punched back to a hole
+        assert registry.referenced_ranges() == []
+        assert any(e.what == "reset" for e in registry.events())
+    finally:
+        region.close(clean=False)
+
+
+def test_records_of_another_epoch_are_ignored(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = create_image(tmp_path / "x.img", "64M")
+    region = Region.open(path)
+    registry, _ = open_registry(region, previous_epoch=0, epoch=5)
+    registry.pin_user_pages(1)
+    region.close(clean=False)
+    region = Region.open(path)
+    try:
+        _, stale = open_registry(region, previous_epoch=6, epoch=7)
+        assert stale == []
+    finally:
+        region.close(clean=False)
