@@ -146,6 +146,11 @@ def cmd_status(args: argparse.Namespace) -> str | None:
     return None
 
 
+def cmd_zero(args: argparse.Namespace) -> str | None:
+    client.zero(args.mountpoint, args.offset, args.length, timeout_s=args.timeout)
+    return f"zeroed {args.length} bytes at offset {args.offset}"
+
+
 def cmd_pages(args: argparse.Namespace) -> str | None:
     pages = client.read_pages(args.mountpoint)
     if args.json:
@@ -254,6 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
     pin.add_argument("--longterm", action="store_true", help="FOLL_LONGTERM (allowed on dax0 only, as on devdax)")
     pin.epilog = "Everything after -- is the command to run while the pin is held."
     pin.set_defaults(func=cmd_pin)
+
+    zero = commands.add_parser("zero", help="bulk-zero a range (whole pages become holes in the image)")
+    zero.add_argument("mountpoint")
+    zero.add_argument("--offset", type=_size, required=True)
+    zero.add_argument("--length", type=_size, required=True)
+    zero.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for busy pages (default 30)")
+    zero.set_defaults(func=cmd_zero)
 
     pages = commands.add_parser("pages", help="referenced pages and their holders")
     pages.add_argument("mountpoint")

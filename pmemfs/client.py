@@ -212,6 +212,9 @@ class PinSession:
     def unpin(self, pin_id: int) -> None:
         self._command(f"unpin {pin_id}", f"unpin {pin_id}")
 
+    def zero(self, offset: int, length: int) -> None:
+        self._command(f"zero {offset} {length}", f"zero {offset}+{length}")
+
     def kill_device(self) -> None:
         self._command("kill", "killing the device reference")
 
@@ -240,10 +243,39 @@ class PinSession:
         self.close()
 
 
+def first_busy(mountpoint: str, offset: int, length: int) -> tuple[int, list[dict]] | None:
+    """The first referenced page in a byte range and its holders, from ``.pmemfs/pages``."""
+    first_pfn, end_pfn = offset // 4096, -(-(offset + length) // 4096)
+    for r in read_pages(mountpoint)["ranges"]:
+        if r["pfn"] < end_pfn and first_pfn < r["pfn"] + r["npages"]:
+            return max(r["pfn"], first_pfn), r["holders"]
+    return None
+
+
+def zero(mountpoint: str, offset: int, length: int, *, timeout_s: float = 30.0) -> None:
+    """Bulk-zero a range, waiting (polling, like dax_layout_busy_page) while pages in it are referenced."""
+    deadline = time.monotonic() + timeout_s
+    with PinSession(mountpoint) as session:
+        while True:
+            try:
+                session.zero(offset, length)
+                return
+            except PmemfsError as err:
+                if err.errno != errno.EBUSY:
+                    raise
+            if time.monotonic() > deadline:
+                busy = first_busy(mountpoint, offset, length)
+                where = f"page {busy[0]} (offset {busy[0] * 4096})" if busy else "a page"
+                holders = "; ".join(describe_holder(h) for h in busy[1]) if busy else "holder unknown"
+                raise PmemfsError(f"zero {offset}+{length}: {where} stayed busy for {timeout_s:g} s: {holders}")
+            time.sleep(POLL_INTERVAL_S * 5)
+
+
 PIN_ERRORS = {
     errno.EOPNOTSUPP: "pmem0 is fsdax: long-term pins are not supported there (use dax0)",
     errno.ENXIO: "the device is being torn down (an unmount is draining references)",
     errno.EINVAL: "invalid request: the range must lie inside the data area",
+    errno.ENOSPC: "the image's filesystem is full",
 }
 
 

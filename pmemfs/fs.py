@@ -18,7 +18,7 @@ import pyfuse3
 from .control import ControlFile
 from .errors import PmemfsError
 from .infoblock import PAGE_SIZE, SECTOR_SIZE
-from .pages import Holder, Kind, PageRegistry
+from .pages import PageRegistry
 from .region import Region
 from .sessions import PinSessions, Session
 
@@ -77,7 +77,7 @@ class PmemOperations(pyfuse3.Operations):
         super().__init__()
         self.region = region
         self.registry = registry
-        self.sessions = PinSessions(registry, region.data_size)
+        self.sessions = PinSessions(registry, region.data_size, region.zero)
         self.data_size = region.data_size
         self.counters = Counters()
         self.track_references = track_references
@@ -103,7 +103,7 @@ class PmemOperations(pyfuse3.Operations):
         """Drop the references of read replies that have gone out (the transfer is over)."""
         replying = self._replying
         while replying:
-            self._drop(replying.pop())
+            self.registry.end_transfer(replying.pop())
 
     # Namespace
     def _attributes(self, inode: int) -> pyfuse3.EntryAttributes:
@@ -198,30 +198,14 @@ class PmemOperations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
         raise pyfuse3.FUSEError(errno.EISDIR if inode in (pyfuse3.ROOT_INODE, CONTROL_DIR_INODE) else errno.ENOENT)
 
-    def _reference(self, handle: OpenFile, off: int, size: int) -> Holder | None:
+    def _reference(self, handle: OpenFile, off: int, size: int) -> tuple | None:
         """Take the reference a transfer holds: a pin for direct I/O, get_page for the page cache."""
         if not self.track_references:
             return None
-        registry = self.registry
         pfn = off // PAGE_SIZE
-        npages = (off + size - 1) // PAGE_SIZE - pfn + 1
-        now = time.time_ns()
-        if handle.direct:
-            registry.pin_user_pages(pfn, npages)
-            registry.trace_at(now, "pin", handle.pid, handle.name, pfn, npages)
-            return Holder(0, handle.pid, handle.name, pfn, npages, Kind.PIN, now)
-        registry.get_page(pfn, npages)
-        registry.trace_at(now, "get", handle.pid, handle.name, pfn, npages)
-        return Holder(0, handle.pid, handle.name, pfn, npages, Kind.GET, now)
-
-    def _drop(self, holder: Holder) -> None:
-        registry = self.registry
-        if holder.kind is Kind.GET:
-            registry.put_page(holder.pfn, holder.npages)
-            registry.trace_at(time.time_ns(), "put", holder.pid, holder.file, holder.pfn, holder.npages)
-        else:
-            registry.unpin_user_pages(holder.pfn, holder.npages)
-            registry.trace_at(time.time_ns(), "unpin", holder.pid, holder.file, holder.pfn, holder.npages)
+        return self.registry.begin_transfer(
+            handle.direct, handle.pid, handle.name, pfn, (off + size - 1) // PAGE_SIZE - pfn + 1
+        )
 
     def _check_transfer(self, handle: OpenFile, off: int, size: int) -> None:
         if handle.direct and (off % SECTOR_SIZE or size % SECTOR_SIZE):
@@ -290,7 +274,7 @@ class PmemOperations(pyfuse3.Operations):
                 self.region.write(off, buf)
             finally:
                 if holder is not None:
-                    self._drop(holder)
+                    self.registry.end_transfer(holder)
         except PmemfsError as err:
             self.counters.errors += 1
             raise pyfuse3.FUSEError(err.errno) from None

@@ -143,10 +143,11 @@ class PageRegistry:
         self.counters = Counters()
         self.alive = True
         self._holders: dict[int, Holder] = {}
-        # Holders of transfers under way (direct-I/O reads whose reply is being sent), kept by fs.
-        self.in_flight: list[Holder] = []
+        # Transfers under way (direct-I/O reads whose reply is being sent), as plain Holder tuples:
+        # the I/O path makes one per request, and a tuple costs a fifth of a NamedTuple.
+        self.in_flight: list[tuple] = []
         self._holder_ids = itertools.count(1)
-        self._trace: collections.deque[Event] = collections.deque(maxlen=TRACE_EVENTS)
+        self._trace: collections.deque[tuple] = collections.deque(maxlen=TRACE_EVENTS)
         self._seq = itertools.count(1)
 
     # The kernel's operations, on [pfn, pfn + npages).
@@ -233,7 +234,8 @@ class PageRegistry:
             self.unpin_user_pages(holder.pfn, holder.npages)
 
     def holders(self) -> list[Holder]:
-        return sorted([*self._holders.values(), *self.in_flight], key=lambda h: (h.pfn, h.id))
+        in_flight = [Holder._make(t) for t in self.in_flight]
+        return sorted([*self._holders.values(), *in_flight], key=lambda h: (h.pfn, h.id))
 
     def holders_of(self, pfn: int, npages: int = 1) -> list[Holder]:
         return [h for h in self.holders() if h.pfn < pfn + npages and pfn < h.pfn + h.npages]
@@ -282,14 +284,45 @@ class PageRegistry:
 
     # Trace.
     def trace(self, what: str, pid: int, file: str, pfn: int, npages: int, note: str = "") -> None:
-        self._trace.append(Event(next(self._seq), time.time_ns(), what, pid, file, pfn, npages, note))
-
-    def trace_at(self, now_ns: int, what: str, pid: int, file: str, pfn: int, npages: int) -> None:
-        """The hot path's trace: the caller already has the time."""
-        self._trace.append(Event(next(self._seq), now_ns, what, pid, file, pfn, npages))
+        self._trace.append((next(self._seq), time.time_ns(), what, pid, file, pfn, npages, note))
 
     def events(self) -> list[Event]:
-        return list(self._trace)
+        return [Event._make(t) for t in self._trace]
+
+    # The I/O path: one call to start a transfer's reference, one to end it, plain tuples in between.
+    # The 4k case (one page, records already backed) is inlined: it is most requests.
+    def begin_transfer(self, pin: bool, pid: int, file: str, pfn: int, npages: int) -> tuple:
+        now = time.time_ns()
+        if pin:
+            if not self.alive:
+                self.counters.nr_refused += 1
+                raise DeviceGone("the device is being torn down: no new pins")
+            self.counters.nr_foll_pin_acquired += npages
+            delta, kind, what = GUP_PIN_COUNTING_BIAS, Kind.PIN, "pin"
+        else:
+            self.counters.nr_get_page += npages
+            delta, kind, what = 1, Kind.GET, "get"
+        if npages == 1 and self._backed_bytes[pfn // CHUNK_PAGES]:
+            self._words[pfn * 16 + self._own_word] += delta
+        else:
+            self._add(pfn, npages, delta)
+        self._trace.append((next(self._seq), now, what, pid, file, pfn, npages, ""))
+        return (0, pid, file, pfn, npages, kind, now)
+
+    def end_transfer(self, transfer: tuple) -> None:
+        _, pid, file, pfn, npages, kind, _ = transfer
+        if kind is Kind.PIN:
+            delta, what = GUP_PIN_COUNTING_BIAS, "unpin"
+            self.counters.nr_foll_pin_released += npages
+        else:
+            delta, what = 1, "put"
+            self.counters.nr_put_page += npages
+        index = pfn * 16 + self._own_word
+        if npages == 1 and self._words[index] >= delta:
+            self._words[index] -= delta
+        else:
+            self._sub(pfn, npages, delta)
+        self._trace.append((next(self._seq), time.time_ns(), what, pid, file, pfn, npages, ""))
 
     # Reset after a daemon that died.
     def stale_ranges(self, previous_epoch: int, pfn_extents: list[tuple[int, int]]) -> list[dict[str, int]]:

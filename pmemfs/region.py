@@ -241,6 +241,26 @@ class Region:
                 raise PmemfsError(f"{self.path}: cannot allocate blocks: {err.strerror}", errno=err.errno) from None
         self._allocated[first_chunk : last_chunk + 1] = True
 
+    def zero(self, offset: int, length: int) -> None:
+        """Zero [offset, +length) of the data area in one operation and one flush.
+
+        Whole pages go back to holes in the image (``clear_pmem()`` done once for the range, not
+        page by page); the partial pages at either end are zeroed in place.
+        """
+        start, end = self.geometry.dataoff + offset, self.geometry.dataoff + offset + length
+        first_page, last_page = -(-start // PAGE_SIZE) * PAGE_SIZE, end // PAGE_SIZE * PAGE_SIZE
+        if first_page >= last_page:
+            self._zero_in_place(start, end)
+        else:
+            self._zero_in_place(start, first_page)
+            self._zero_in_place(last_page, end)
+            self.punch_hole(first_page, last_page - first_page)
+        self.flush()
+
+    def _zero_in_place(self, start: int, end: int) -> None:
+        if end > start:
+            self.write(start - self.geometry.dataoff, bytes(end - start))
+
     def flush(self) -> None:
         # The mapping is MAP_SHARED, so every store is already in the image's page cache:
         # fdatasync writes exactly what msync(MS_SYNC) over the whole mapping would.

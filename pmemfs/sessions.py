@@ -4,6 +4,7 @@ A session is one open file description. The client writes one command per write(
 
     pin FILE OFFSET LENGTH [longterm]   pin the pages under the byte range of pmem0 or dax0
     unpin ID                            drop one of this session's pins
+    zero OFFSET LENGTH                  bulk-zero a byte range; EBUSY while a page of it is referenced
     kill                                kill the device reference (teardown: new pins get ENXIO)
     revive                              revive it
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+from collections.abc import Callable
 
 from .errors import InvalidRange, PmemfsError
 from .infoblock import PAGE_SIZE
@@ -37,10 +39,21 @@ class SessionCommandError(PmemfsError):
     errno = errno.EINVAL
 
 
+class PageBusy(PmemfsError):
+    """Raised by an operation that needs idle pages while one of them is referenced: EBUSY."""
+
+    errno = errno.EBUSY
+
+
 class PinSessions:
-    def __init__(self, registry: PageRegistry, data_size: int) -> None:
+    def __init__(self, registry: PageRegistry, data_size: int, region_zero: Callable[[int, int], None]) -> None:
         self.registry = registry
         self.data_size = data_size
+        self.region_zero = region_zero
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length <= 0 or offset + length > self.data_size:
+            raise InvalidRange(f"range {offset}+{length} is outside the data area (0-{self.data_size})")
 
     def open(self, pid: int) -> Session:
         self.registry.trace("session", pid, "", 0, 0, "opened")
@@ -63,6 +76,8 @@ class PinSessions:
             self.registry.trace(
                 "unpin", session.pid, holder.file, holder.pfn, holder.npages, f"session pin {holder.id}"
             )
+        elif verb == "zero" and len(args) == 2:
+            self.zero(session, _number(args[0]), _number(args[1]))
         elif verb == "kill" and not args:
             session.killed_device = True
             self.registry.kill()
@@ -75,10 +90,9 @@ class PinSessions:
     def pin(self, session: Session, file: str, offset: int, length: int, *, longterm: bool) -> Holder:
         if file not in LONGTERM_ALLOWED:
             raise SessionCommandError(f"no file {file!r}: pin pmem0 or dax0")
-        if offset < 0 or length <= 0 or offset + length > self.data_size:
-            raise InvalidRange(f"range {offset}+{length} is outside the data area (0-{self.data_size})")
+        self._check_range(offset, length)
         kind = Kind.LONGTERM if longterm else Kind.PIN
-        pfn, npages = offset // PAGE_SIZE, -(-(offset + length) // PAGE_SIZE) - offset // PAGE_SIZE
+        pfn, npages = _pages(offset, length)
         if longterm and not LONGTERM_ALLOWED[file]:
             self.registry.counters.nr_refused += 1
             self.registry.trace("refused", session.pid, file, pfn, npages, "FOLL_LONGTERM on fsdax")
@@ -91,6 +105,21 @@ class PinSessions:
         session.pins[holder.id] = holder
         self.registry.trace("pin", session.pid, file, pfn, npages, f"session pin {holder.id} ({kind.value})")
         return holder
+
+    def zero(self, session: Session, offset: int, length: int) -> None:
+        """Bulk-zero a byte range of the data area, refusing with EBUSY while any of its pages is referenced.
+
+        The client waits and retries (``dax_layout_busy_page``): no handler ever waits.
+        """
+        self._check_range(offset, length)
+        pfn, npages = _pages(offset, length)
+        busy = self.registry.first_busy_page(pfn, npages)
+        if busy is not None:
+            holders = self.registry.holders_of(busy)
+            who = f" held by pid {holders[0].pid} ({holders[0].kind.value} on {holders[0].file})" if holders else ""
+            raise PageBusy(f"page {busy} (offset {busy * PAGE_SIZE}) is busy{who}")
+        self.region_zero(offset, length)
+        self.registry.trace("zero", session.pid, "pmem0", pfn, npages, f"bytes {offset}+{length}")
 
     def listing(self, session: Session) -> bytes:
         return "".join(
@@ -110,6 +139,11 @@ class PinSessions:
         if session.killed_device:
             self.registry.revive()
         self.registry.trace("session", session.pid, "", 0, 0, "closed" + (" (client died)" if gone else ""))
+
+
+def _pages(offset: int, length: int) -> tuple[int, int]:
+    """The first page and the page count under a byte range."""
+    return offset // PAGE_SIZE, -(-(offset + length) // PAGE_SIZE) - offset // PAGE_SIZE
 
 
 def _number(text: str) -> int:
