@@ -76,9 +76,7 @@ def main() -> int:
     print("|---|---|---|")
     print(f"| one bulk operation, one flush | {bulk_s * 1000:.1f} ms | {length / bulk_s / 1e9:.1f} GB/s |")
     print(f"| page at a time, a flush each ({how}) | {paged_s:.1f} s | {length / paged_s / 1e6:.1f} MB/s |")
-    print(
-        f"bulk is {paged_s / bulk_s:,.0f}x faster; image allocation after the bulk zero: {allocated_after_bulk >> 20} MiB"
-    )
+    print(f"bulk is {paged_s / bulk_s:,.0f}x faster; allocated after: {allocated_after_bulk >> 20} MiB")
     return 0
 
 
