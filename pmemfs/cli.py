@@ -60,7 +60,8 @@ def cmd_info(args: argparse.Namespace) -> str | None:
         f"state:              {'clean' if info.header.clean else 'dirty (mounted, or its daemon died)'}",
         f"mounts:             {info.header.mount_count}",
         f"unclean shutdowns:  {info.header.unclean_shutdowns}",
-        f"bad blocks:         {data['badblock_count']}",
+        f"bad blocks:         {data['badblock_count']}"
+        + "".join(f"\n  sectors {s}-{s + c - 1}" for s, c in info.header.badblocks),
     ]
     print("\n".join(lines))
     return None
@@ -125,7 +126,8 @@ def cmd_status(args: argparse.Namespace) -> str | None:
                 f"(image {status['image']}, daemon pid {status['pid']})",
                 f"  uuid {status['uuid']}, dataoff {status['dataoff']}, npfns {status['npfns']}, "
                 f"align {format_size(status['align'])}",
-                f"  blockdev: {status['blockdev'] or '-'}   allocated: {status['allocated_bytes']} bytes",
+                f"  blockdev: {status['blockdev'] or '-'}   allocated: {status['allocated_bytes']} bytes   "
+                f"badblock_count: {status['badblock_count']}",
                 f"  mounts {status['mounts']}, unclean shutdowns {status['unclean_shutdowns']}, "
                 f"this start after a{'n unclean' if status['previous_shutdown'] == 'unclean' else ' clean'} shutdown",
                 "  reads {reads} ({read_bytes} B, {direct_reads} direct), writes {writes} ({write_bytes} B, "
@@ -149,6 +151,22 @@ def cmd_status(args: argparse.Namespace) -> str | None:
 def cmd_zero(args: argparse.Namespace) -> str | None:
     client.zero(args.mountpoint, args.offset, args.length, timeout_s=args.timeout)
     return f"zeroed {args.length} bytes at offset {args.offset}"
+
+
+def cmd_inject_error(args: argparse.Namespace) -> str | None:
+    if not args.status:
+        with client.PinSession(args.mountpoint) as session:
+            (session.uninject if args.uninject else session.inject)(args.block, args.count)
+    # Like ndctl inject-error --status: the list, in 512-byte blocks of the data area.
+    _print_json({"badblocks": [{"block": s, "count": c} for s, c in client.read_badblocks(args.mountpoint)]})
+    return None
+
+
+def cmd_clear_errors(args: argparse.Namespace) -> str | None:
+    before = client.read_badblocks(args.mountpoint)
+    with client.PinSession(args.mountpoint) as session:
+        session.clear_errors()
+    return f"cleared {sum(c for _, c in before)} bad block(s) in {len(before)} range(s)"
 
 
 def cmd_pages(args: argparse.Namespace) -> str | None:
@@ -267,6 +285,20 @@ def build_parser() -> argparse.ArgumentParser:
     zero.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for busy pages (default 30)")
     zero.set_defaults(func=cmd_zero)
 
+    inject = commands.add_parser(
+        "inject-error", help="poison 512-byte blocks of the data area (like ndctl inject-error)"
+    )
+    inject.add_argument("mountpoint")
+    inject.add_argument("--block", "-B", type=int, help="first 512-byte block, relative to the data area")
+    inject.add_argument("--count", "-n", type=int, default=1, help="number of blocks (default 1)")
+    inject.add_argument("--uninject", "-d", action="store_true", help="remove the blocks from the list, data untouched")
+    inject.add_argument("--status", "-t", action="store_true", help="only list the poisoned blocks")
+    inject.set_defaults(func=cmd_inject_error)
+
+    clear = commands.add_parser("clear-errors", help="zero every poisoned block, clearing its poison")
+    clear.add_argument("mountpoint")
+    clear.set_defaults(func=cmd_clear_errors)
+
     pages = commands.add_parser("pages", help="referenced pages and their holders")
     pages.add_argument("mountpoint")
     pages.add_argument("--json", action="store_true")
@@ -283,8 +315,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # What follows `--` is a command for `pmemfs pin` to run, not for argparse to read.
     command_args = argv[argv.index("--") + 1 :] if "--" in argv else []
-    args = build_parser().parse_args(argv[: len(argv) - len(command_args) - (1 if "--" in argv else 0)])
+    parser = build_parser()
+    args = parser.parse_args(argv[: len(argv) - len(command_args) - (1 if "--" in argv else 0)])
     args.command_args = command_args
+    if args.func is cmd_inject_error and args.block is None and not args.status:
+        parser.error("inject-error needs --block (or --status)")
     try:
         message = args.func(args)
     except PmemfsError as err:

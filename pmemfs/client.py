@@ -58,6 +58,10 @@ def read_pages(mountpoint: str) -> dict:
     return json.loads(read_control(mountpoint, "pages"))
 
 
+def read_badblocks(mountpoint: str) -> list[tuple[int, int]]:
+    return [tuple(map(int, line.split())) for line in read_control(mountpoint, "badblocks").splitlines()]  # type: ignore[misc]
+
+
 def read_control(mountpoint: str, name: str) -> str:
     path = os.path.join(mountpoint, ".pmemfs", name)
     try:
@@ -215,6 +219,15 @@ class PinSession:
     def zero(self, offset: int, length: int) -> None:
         self._command(f"zero {offset} {length}", f"zero {offset}+{length}")
 
+    def inject(self, sector: int, count: int) -> None:
+        self._command(f"inject {sector} {count}", f"inject-error at sectors {sector}+{count}")
+
+    def uninject(self, sector: int, count: int) -> None:
+        self._command(f"uninject {sector} {count}", f"uninject of sectors {sector}+{count}")
+
+    def clear_errors(self) -> None:
+        self._command("clear-errors", "clear-errors")
+
     def kill_device(self) -> None:
         self._command("kill", "killing the device reference")
 
@@ -275,7 +288,8 @@ PIN_ERRORS = {
     errno.EOPNOTSUPP: "pmem0 is fsdax: long-term pins are not supported there (use dax0)",
     errno.ENXIO: "the device is being torn down (an unmount is draining references)",
     errno.EINVAL: "invalid request: the range must lie inside the data area",
-    errno.ENOSPC: "the image's filesystem is full",
+    errno.ENOSPC: "no space: the image's filesystem, or the badblocks table, is full",
+    errno.EBUSY: "pages in the range are referenced",
 }
 
 

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .badblocks import BadBlocks
 from .pages import PageRegistry
 from .region import Region
 
@@ -17,6 +18,8 @@ from .region import Region
 class ControlFile:
     name: str
     render: Callable[[], bytes]
+    # Takes what a client writes; raises PmemfsError (its errno goes to the writer) for bad input.
+    store: Callable[[bytes], None] | None = None
 
 
 def loop_devices_for(path: str) -> list[str]:
@@ -40,6 +43,7 @@ def control_files(
     *,
     region: Region,
     registry: PageRegistry,
+    badblocks: BadBlocks,
     io_statistics: Callable[[], dict[str, int]],
     mountpoint: str,
     log_path: str | None,
@@ -76,4 +80,9 @@ def control_files(
     def trace() -> bytes:
         return "".join(event.line() + "\n" for event in registry.events()).encode()
 
-    return [ControlFile("status", status), ControlFile("pages", pages), ControlFile("trace", trace)]
+    return [
+        ControlFile("status", status),
+        ControlFile("pages", pages),
+        ControlFile("trace", trace),
+        ControlFile("badblocks", badblocks.sysfs, badblocks.store_sysfs),
+    ]

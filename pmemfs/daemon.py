@@ -15,9 +15,11 @@ import sys
 import pyfuse3
 import trio
 
+from .badblocks import BadBlocks
 from .control import control_files
 from .errors import PmemfsError
 from .fs import PmemOperations
+from .infoblock import SECTOR_SIZE
 from .memmap import open_registry, reset_records
 from .region import Region
 
@@ -87,11 +89,13 @@ def run(
         if not region.previous_shutdown_clean:
             log.warning("%s was not shut down cleanly (unclean shutdowns: %d)", image, region.header.unclean_shutdowns)
         registry, stale = open_registry(region, previous_epoch, region.header.mount_count & 0xFFFFFFFF)
-        ops = PmemOperations(region, registry, [], track_references=track_references)
+        badblocks = BadBlocks(region.header.badblocks, region.data_size // SECTOR_SIZE, region.set_badblocks)
+        ops = PmemOperations(region, registry, badblocks, [], track_references=track_references)
         ops.add_control_files(
             control_files(
                 region=region,
                 registry=registry,
+                badblocks=badblocks,
                 io_statistics=ops.statistics,
                 mountpoint=mountpoint,
                 log_path=log_path,

@@ -24,7 +24,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from .client import PinSession, read_status
+from .badblocks import MediaError
+from .client import PinSession, read_badblocks, read_status
 from .errors import InvalidRange, NoSpace, PmemfsError
 from .infoblock import PAGE_SIZE, SECTOR_SIZE
 
@@ -32,7 +33,9 @@ from .infoblock import PAGE_SIZE, SECTOR_SIZE
 class DaxMapping:
     """A shared mapping of [offset, offset + length) of a mounted region's data area."""
 
-    def __init__(self, mountpoint: str, offset: int, length: int, *, allocate: bool = True) -> None:
+    def __init__(
+        self, mountpoint: str, offset: int, length: int, *, allocate: bool = True, allow_poison: bool = False
+    ) -> None:
         status = read_status(mountpoint)
         image, dataoff, data_size = status["image"], int(status["dataoff"]), int(status["size"])
         if offset % PAGE_SIZE or offset < 0 or length <= 0 or offset + length > data_size:
@@ -44,6 +47,11 @@ class DaxMapping:
         self.mountpoint = mountpoint
         self.offset = offset
         self.length = length
+        # Real DAX reports poison before a program trips over it (a load from it is a machine check).
+        self.poisoned = poisoned_ranges(mountpoint, offset, length)
+        if self.poisoned and not allow_poison:
+            ranges = ", ".join(f"{o}+{n}" for o, n in self.poisoned)
+            raise MediaError(f"the range holds poisoned bytes at {ranges} (mapping-relative); pass allow_poison=True")
         fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
         try:
             if allocate:
@@ -116,8 +124,24 @@ class DaxMapping:
         self.close()
 
 
-def open_dax(mountpoint: str, offset: int = 0, length: int | None = None, *, allocate: bool = True) -> DaxMapping:
-    """Map [offset, offset + length) of the data area of the region mounted at ``mountpoint``."""
+def poisoned_ranges(mountpoint: str, offset: int, length: int) -> list[tuple[int, int]]:
+    """Poisoned byte ranges inside [offset, offset + length), relative to ``offset``."""
+    found = []
+    for sector, count in read_badblocks(mountpoint):
+        lo, hi = max(sector * SECTOR_SIZE, offset), min((sector + count) * SECTOR_SIZE, offset + length)
+        if lo < hi:
+            found.append((lo - offset, hi - lo))
+    return found
+
+
+def open_dax(
+    mountpoint: str, offset: int = 0, length: int | None = None, *, allocate: bool = True, allow_poison: bool = False
+) -> DaxMapping:
+    """Map [offset, offset + length) of the data area of the region mounted at ``mountpoint``.
+
+    Raises MediaError naming the poisoned ranges, if any, unless ``allow_poison``; then they are
+    in ``mapping.poisoned`` and loads from them read whatever the media holds.
+    """
     if length is None:
         length = int(read_status(mountpoint)["size"]) - offset
-    return DaxMapping(mountpoint, offset, length, allocate=allocate)
+    return DaxMapping(mountpoint, offset, length, allocate=allocate, allow_poison=allow_poison)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import pyfuse3
 
+from .badblocks import BadBlocks
 from .control import ControlFile
 from .errors import PmemfsError
 from .infoblock import PAGE_SIZE, SECTOR_SIZE
@@ -70,6 +71,7 @@ class PmemOperations(pyfuse3.Operations):
         self,
         region: Region,
         registry: PageRegistry,
+        badblocks: BadBlocks,
         control_files: Sequence[ControlFile],
         *,
         track_references: bool = True,
@@ -77,7 +79,8 @@ class PmemOperations(pyfuse3.Operations):
         super().__init__()
         self.region = region
         self.registry = registry
-        self.sessions = PinSessions(registry, region.data_size, region.zero)
+        self.badblocks = badblocks
+        self.sessions = PinSessions(registry, region, badblocks)
         self.data_size = region.data_size
         self.counters = Counters()
         self.track_references = track_references
@@ -192,9 +195,10 @@ class PmemOperations(pyfuse3.Operations):
             self._open[fh] = OpenFile(inode, True, ctx.pid, session=self.sessions.open(ctx.pid))
             return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=True)
         if inode in self._control:
-            if flags & os.O_ACCMODE != os.O_RDONLY:
+            control = self._control[inode]
+            if flags & os.O_ACCMODE != os.O_RDONLY and control.store is None:
                 raise pyfuse3.FUSEError(errno.EACCES)
-            self._open[fh] = OpenFile(inode, True, ctx.pid, self._control[inode].render())
+            self._open[fh] = OpenFile(inode, True, ctx.pid, control.render())
             return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
         raise pyfuse3.FUSEError(errno.EISDIR if inode in (pyfuse3.ROOT_INODE, CONTROL_DIR_INODE) else errno.ENOENT)
 
@@ -234,6 +238,8 @@ class PmemOperations(pyfuse3.Operations):
             return b""
         size = min(size, self.data_size - off)
         try:
+            if self.badblocks.extents:
+                self.badblocks.check_read(off, size)
             holder = self._reference(handle, off, size)
         except PmemfsError as err:
             self.counters.errors += 1
@@ -258,7 +264,14 @@ class PmemOperations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(err.errno) from None
             return len(buf)
         if not handle.name:
-            raise pyfuse3.FUSEError(errno.EBADF)
+            control = self._control.get(handle.inode)
+            if control is None or control.store is None:
+                raise pyfuse3.FUSEError(errno.EBADF)
+            try:
+                control.store(buf)
+            except PmemfsError as err:
+                raise pyfuse3.FUSEError(err.errno) from None
+            return len(buf)
         size = len(buf)
         self._check_transfer(handle, off, size)
         if off >= self.data_size:
@@ -269,6 +282,8 @@ class PmemOperations(pyfuse3.Operations):
             size = self.data_size - off
             buf = memoryview(buf)[:size]  # type: ignore[assignment]
         try:
+            if self.badblocks.extents:
+                self.badblocks.clear_for_write(off, size)
             holder = self._reference(handle, off, size)
             try:
                 self.region.write(off, buf)

@@ -183,6 +183,9 @@ class Region:
         self.flush()
         self._write_header(self.header.replace(flags=self.header.flags | FLAG_CLEAN))
 
+    def set_badblocks(self, extents: tuple[tuple[int, int], ...]) -> None:
+        self._write_header(self.header.replace(badblocks=extents))
+
     def _write_header(self, header: Header) -> None:
         os.pwrite(self.fd, header.pack(), HEADER_OFFSET)
         os.fdatasync(self.fd)

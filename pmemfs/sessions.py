@@ -5,6 +5,9 @@ A session is one open file description. The client writes one command per write(
     pin FILE OFFSET LENGTH [longterm]   pin the pages under the byte range of pmem0 or dax0
     unpin ID                            drop one of this session's pins
     zero OFFSET LENGTH                  bulk-zero a byte range; EBUSY while a page of it is referenced
+    inject SECTOR COUNT                 poison 512-byte sectors (ndctl inject-error)
+    uninject SECTOR COUNT               forget poisoned sectors without touching the data
+    clear-errors                        zero every poisoned sector, clearing the poison
     kill                                kill the device reference (teardown: new pins get ENXIO)
     revive                              revive it
 
@@ -18,11 +21,12 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
-from collections.abc import Callable
 
+from .badblocks import BadBlocks
 from .errors import InvalidRange, PmemfsError
-from .infoblock import PAGE_SIZE
+from .infoblock import PAGE_SIZE, SECTOR_SIZE
 from .pages import Holder, Kind, LongtermNotSupported, PageRegistry
+from .region import Region
 
 # Which views allow FOLL_LONGTERM: devdax does, fsdax does not (Linux refuses it on fsdax).
 LONGTERM_ALLOWED = {"pmem0": False, "dax0": True}
@@ -46,10 +50,11 @@ class PageBusy(PmemfsError):
 
 
 class PinSessions:
-    def __init__(self, registry: PageRegistry, data_size: int, region_zero: Callable[[int, int], None]) -> None:
+    def __init__(self, registry: PageRegistry, region: Region, badblocks: BadBlocks) -> None:
         self.registry = registry
-        self.data_size = data_size
-        self.region_zero = region_zero
+        self.region = region
+        self.badblocks = badblocks
+        self.data_size = region.data_size
 
     def _check_range(self, offset: int, length: int) -> None:
         if offset < 0 or length <= 0 or offset + length > self.data_size:
@@ -78,6 +83,12 @@ class PinSessions:
             )
         elif verb == "zero" and len(args) == 2:
             self.zero(session, _number(args[0]), _number(args[1]))
+        elif verb in ("inject", "uninject") and len(args) == 2:
+            sector, count = _number(args[0]), _number(args[1])
+            (self.badblocks.add if verb == "inject" else self.badblocks.clear)(sector, count)
+            self.registry.trace(verb, session.pid, "pmem0", 0, 0, f"sectors {sector}+{count}")
+        elif verb == "clear-errors" and not args:
+            self.clear_errors(session)
         elif verb == "kill" and not args:
             session.killed_device = True
             self.registry.kill()
@@ -118,8 +129,16 @@ class PinSessions:
             holders = self.registry.holders_of(busy)
             who = f" held by pid {holders[0].pid} ({holders[0].kind.value} on {holders[0].file})" if holders else ""
             raise PageBusy(f"page {busy} (offset {busy * PAGE_SIZE}) is busy{who}")
-        self.region_zero(offset, length)
+        self.region.zero(offset, length)
+        self.badblocks.clear_whole_sectors(offset, length)
         self.registry.trace("zero", session.pid, "pmem0", pfn, npages, f"bytes {offset}+{length}")
+
+    def clear_errors(self, session: Session) -> None:
+        """Like ndctl clear-errors: write zeros over every bad sector, which clears its poison."""
+        for sector, count in list(self.badblocks.extents):
+            offset, length = sector * SECTOR_SIZE, count * SECTOR_SIZE
+            self.zero(session, offset, length)
+        self.badblocks.clear_all()
 
     def listing(self, session: Session) -> bytes:
         return "".join(

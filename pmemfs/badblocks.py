@@ -1,0 +1,137 @@
+"""Poisoned sectors of the data area, as the kernel's badblocks list and pmem driver treat them.
+
+A read that touches a bad sector fails with EIO and returns nothing; a write that covers bad
+sectors whole clears them first (pmem_clear_poison) and then stores; a write that covers one only
+in part fails with EIO. Extents are 512-byte sectors relative to the data area, merged, and
+persisted in the image header on every change, so they survive umount and kill -9.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+from collections.abc import Callable
+
+from .errors import InvalidRange, NoSpace, PmemfsError
+from .infoblock import BADBLOCKS_MAX, SECTOR_SIZE
+
+
+class MediaError(PmemfsError):
+    """Raised by a read of a poisoned sector, or a write that covers one only in part: EIO."""
+
+    errno = errno.EIO
+
+
+Extent = tuple[int, int]  # (first sector, sector count)
+
+
+class BadBlocks:
+    def __init__(
+        self, extents: tuple[Extent, ...], nsectors: int, persist: Callable[[tuple[Extent, ...]], None]
+    ) -> None:
+        self.nsectors = nsectors
+        self._persist = persist
+        self._set(_merged(extents), persist=False)
+
+    def _set(self, extents: list[Extent], *, persist: bool = True) -> None:
+        if len(extents) > BADBLOCKS_MAX:
+            raise NoSpace(f"the badblocks table is full ({BADBLOCKS_MAX} extents)")
+        if persist:
+            self._persist(tuple(extents))
+        self.extents = extents
+        self._starts = [start for start, _ in extents]
+
+    @property
+    def sector_count(self) -> int:
+        return sum(count for _, count in self.extents)
+
+    def _check(self, sector: int, count: int) -> None:
+        if sector < 0 or count <= 0 or sector + count > self.nsectors:
+            raise InvalidRange(f"sectors {sector}+{count} are outside the data area ({self.nsectors} sectors)")
+
+    def add(self, sector: int, count: int) -> None:
+        self._check(sector, count)
+        self._set(_merged([*self.extents, (sector, count)]))
+
+    def clear(self, sector: int, count: int) -> None:
+        self._check(sector, count)
+        end = sector + count
+        kept: list[Extent] = []
+        for start, n in self.extents:
+            if start < sector:
+                kept.append((start, min(n, sector - start)))
+            if start + n > end:
+                kept.append((max(start, end), start + n - max(start, end)))
+        if kept != self.extents:
+            self._set(kept)
+
+    def clear_all(self) -> None:
+        if self.extents:
+            self._set([])
+
+    def overlapping(self, sector: int, count: int) -> list[Extent]:
+        """The bad extents, clipped to [sector, sector + count)."""
+        end = sector + count
+        i = max(bisect.bisect_right(self._starts, sector) - 1, 0)
+        found = []
+        for start, n in self.extents[i:]:
+            if start >= end:
+                break
+            lo, hi = max(start, sector), min(start + n, end)
+            if lo < hi:
+                found.append((lo, hi - lo))
+        return found
+
+    # The I/O path. Callers test ``self.extents`` first, so an empty table costs nothing.
+    def check_read(self, offset: int, length: int) -> None:
+        first, end = offset // SECTOR_SIZE, -(-(offset + length) // SECTOR_SIZE)
+        bad = self.overlapping(first, end - first)
+        if bad:
+            raise MediaError(f"read of bytes {offset}+{length} hits bad sector {bad[0][0]}")
+
+    def clear_for_write(self, offset: int, length: int) -> None:
+        """Clear the bad sectors a write covers whole; EIO if it covers one only in part."""
+        first, end = offset // SECTOR_SIZE, -(-(offset + length) // SECTOR_SIZE)
+        bad = self.overlapping(first, end - first)
+        if not bad:
+            return
+        whole_first, whole_end = -(-offset // SECTOR_SIZE), (offset + length) // SECTOR_SIZE
+        for start, n in bad:
+            if start < whole_first or start + n > whole_end:
+                raise MediaError(
+                    f"write of bytes {offset}+{length} covers bad sector {max(start, whole_end)} only in part"
+                )
+        self.clear(first, end - first)
+
+    def clear_whole_sectors(self, offset: int, length: int) -> None:
+        """Forget the bad sectors that lie whole inside a byte range (it has just been zeroed)."""
+        first, end = -(-offset // SECTOR_SIZE), (offset + length) // SECTOR_SIZE
+        if end > first and self.overlapping(first, end - first):
+            self.clear(first, end - first)
+
+    def sysfs(self) -> bytes:
+        return "".join(f"{start} {count}\n" for start, count in self.extents).encode()
+
+    def store_sysfs(self, text: bytes) -> None:
+        """Parse a write to ``.pmemfs/badblocks`` like /sys/block/pmemN/badblocks: "<sector> <count>"."""
+        try:
+            words = text.decode("ascii").split()
+        except UnicodeDecodeError:
+            raise InvalidRange("badblocks: write '<sector> <count>'") from None
+        if len(words) != 2 or not all(w.isdigit() for w in words):
+            raise InvalidRange("badblocks: write '<sector> <count>' with two non-negative integers")
+        sector, count = int(words[0]), int(words[1])
+        if count > 2**31 - 1:
+            raise InvalidRange(f"badblocks: count {count} is too large")
+        self.add(sector, count)
+
+
+def _merged(extents: list[Extent] | tuple[Extent, ...]) -> list[Extent]:
+    merged: list[Extent] = []
+    for start, count in sorted(extents):
+        if merged and start <= merged[-1][0] + merged[-1][1]:
+            last_start, last_count = merged[-1]
+            merged[-1] = (last_start, max(last_count, start + count - last_start))
+        else:
+            merged.append((start, count))
+    return merged
