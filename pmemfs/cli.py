@@ -92,11 +92,17 @@ def cmd_mount(args: argparse.Namespace) -> str | None:
         logging.basicConfig(
             level=logging.DEBUG if args.debug else logging.INFO, format="%(asctime)s %(levelname)s %(message)s"
         )
-        code = daemon.run(args.image, args.mountpoint, log_path=None, track_references=args.track_references)
+        code = daemon.run(
+            args.image,
+            args.mountpoint,
+            log_path=None,
+            track_references=args.track_references,
+            serving_mode=args.serve,
+        )
         if code:
             sys.exit(code)
         return None
-    daemon_args = () if args.track_references else ("--no-references",)
+    daemon_args = ("--serve", args.serve) + (() if args.track_references else ("--no-references",))
     pid = client.start_daemon(args.image, args.mountpoint, log_path=args.log, debug=args.debug, daemon_args=daemon_args)
     if not args.loop:
         return f"mounted {args.image} at {args.mountpoint} (daemon pid {pid})"
@@ -255,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--loop", action="store_true", help="also attach pmem0 to a loop device (direct I/O)")
     mount.add_argument("--log", help="daemon log file (default: in the temp directory, named after the mountpoint)")
     mount.add_argument("--debug", action="store_true")
+    mount.add_argument(
+        "--serve",
+        choices=("fast", "trio"),
+        default="fast",
+        help="fast (default): a blocking loop with no event loop on the data path; trio: pyfuse3's trio loop",
+    )
     # For scripts/bench.py: serve without registry bookkeeping, to measure what it costs.
     mount.add_argument("--no-references", dest="track_references", action="store_false", help=argparse.SUPPRESS)
     mount.set_defaults(func=cmd_mount)

@@ -9,12 +9,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 
 import pyfuse3
-import trio
 
+from . import serving
 from .badblocks import BadBlocks
 from .control import control_files
 from .errors import PmemfsError
@@ -28,38 +27,6 @@ log = logging.getLogger("pmemfs")
 FUSE_OPTIONS = ("fsname=pmemfs", "subtype=pmemfs", "default_permissions")
 
 
-class ReplyReaper(trio.abc.Instrument):
-    """Drops the pins of read replies as soon as pyfuse3 has sent them.
-
-    A read handler returns a view into the mapping, and pyfuse3 copies it into the reply after the
-    handler returns. trio calls ``before_io_wait`` once every task has run as far as it can, that
-    is after the reply went out and the session loop is back waiting for /dev/fuse: the transfer
-    is over. A hook here costs a method call, where a task woken per request cost half the IOPS.
-    """
-
-    def __init__(self, ops: PmemOperations) -> None:
-        self.ops = ops
-
-    def before_io_wait(self, timeout: float) -> None:
-        self.ops.release_replied()
-
-
-async def _serve() -> None:
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_terminate_on_signal)
-        # Handlers never await, so one worker task serves every request with no lock hand-off.
-        await pyfuse3.main(min_tasks=1, max_tasks=1)
-        nursery.cancel_scope.cancel()
-
-
-async def _terminate_on_signal() -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            log.info("got %s, unmounting", signal.Signals(signum).name)
-            pyfuse3.terminate()
-            return
-
-
 def run(
     image: str,
     mountpoint: str,
@@ -67,6 +34,7 @@ def run(
     ready_fd: int | None = None,
     log_path: str | None = None,
     track_references: bool = True,
+    serving_mode: str = "fast",
 ) -> int:
     """Serve IMAGE at MOUNTPOINT until unmounted; return the process exit code.
 
@@ -110,7 +78,8 @@ def run(
         _close_ready(ready_fd)
         log.info("serving %s at %s (pid %d)", image, mountpoint, os.getpid())
         try:
-            trio.run(_serve, instruments=[ReplyReaper(ops)])
+            used = serving.serve(serving_mode, ops.release_replied)
+            log.info("served with the %s loop", used)
         finally:
             pyfuse3.close(unmount=True)
         log.info("unmounted %s", mountpoint)
@@ -145,13 +114,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true")
     # Internal switch for scripts/bench.py: serve without registry bookkeeping to measure its cost.
     parser.add_argument("--no-references", dest="track_references", action="store_false", help=argparse.SUPPRESS)
+    parser.add_argument("--serve", choices=("fast", "trio"), default="fast")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
     )
     return run(
-        args.image, args.mountpoint, ready_fd=args.ready_fd, log_path=args.log, track_references=args.track_references
+        args.image,
+        args.mountpoint,
+        ready_fd=args.ready_fd,
+        log_path=args.log,
+        track_references=args.track_references,
+        serving_mode=args.serve,
     )
 
 

@@ -99,10 +99,23 @@ def _loop_backing_files() -> list[tuple[str, str]]:
     return [tuple(line.split(None, 1)) for line in out.stdout.splitlines() if len(line.split(None, 1)) == 2]  # type: ignore[misc]
 
 
+# The serving mode mounts use; the `serving_mode` fixture runs each mount test in every mode.
+SERVING_MODE = ["fast"]
+
+
+@pytest.fixture(params=["fast", "trio"])
+def serving_mode(request: pytest.FixtureRequest) -> Iterator[str]:
+    SERVING_MODE[0] = request.param
+    try:
+        yield request.param
+    finally:
+        SERVING_MODE[0] = "fast"
+
+
 @contextlib.contextmanager
 def mounted(image: str, mountpoint: str, *extra: str) -> Iterator[Mount]:
     os.makedirs(mountpoint, exist_ok=True)
-    pmemfs("mount", image, mountpoint, *extra)
+    pmemfs("mount", image, mountpoint, "--serve", SERVING_MODE[0], *extra)
     mount = Mount(image, mountpoint)
     try:
         yield mount

@@ -12,14 +12,16 @@ import sys
 import textwrap
 
 import pytest
-
 from conftest import DirectFile, Mount, mounted, pmemfs, process_alive, wait_for
+
 from pmemfs.badblocks import BadBlocks, MediaError
 from pmemfs.dax import open_dax
 from pmemfs.errors import InvalidRange, NoSpace
 from pmemfs.infoblock import BADBLOCKS_MAX
 
 # Unit tests of the table.
+
+pytestmark = pytest.mark.usefixtures("serving_mode")
 
 
 def table(*extents: tuple[int, int]) -> tuple[BadBlocks, list]:
@@ -60,7 +62,9 @@ def test_full_table_is_enospc_and_unchanged() -> None:
     assert len(bb.extents) == BADBLOCKS_MAX
 
 
-@pytest.mark.parametrize("text", [b"-1 1", b"1 -1", b"1", b"a b", b"5 0", b"99999999 1", b"1 99999999999999999999", b"\xff\xfe"])
+@pytest.mark.parametrize(
+    "text", [b"-1 1", b"1 -1", b"1", b"a b", b"5 0", b"99999999 1", b"1 99999999999999999999", b"\xff\xfe"]
+)
 def test_malformed_sysfs_writes_are_rejected(text: bytes) -> None:
     bb, saved = table((1, 1))
     with pytest.raises(InvalidRange):

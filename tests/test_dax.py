@@ -20,6 +20,8 @@ from pmemfs.errors import PmemfsError
 
 MiB = 1 << 20
 
+pytestmark = pytest.mark.usefixtures("serving_mode")
+
 
 def run_python(code: str) -> None:
     """Run code in a separate process, as another program mapping dax0 would."""

@@ -10,6 +10,8 @@ import subprocess
 import pytest
 from conftest import DirectFile, create_image, mounted, pmemfs, process_alive, wait_for
 
+pytestmark = pytest.mark.usefixtures("serving_mode")
+
 
 def test_second_daemon_on_the_same_image_is_refused(mount, tmp_path) -> None:  # type: ignore[no-untyped-def]
     other = tmp_path / "other"

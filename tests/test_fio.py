@@ -10,7 +10,10 @@ import subprocess
 import pytest
 from conftest import Mount, mounted, pmemfs
 
-pytestmark = pytest.mark.skipif(shutil.which("fio") is None, reason="fio is not installed (make test installs it)")
+pytestmark = [
+    pytest.mark.usefixtures("serving_mode"),
+    pytest.mark.skipif(shutil.which("fio") is None, reason="fio is not installed (make test installs it)"),
+]
 
 
 def fio(filename: str, *args: str) -> dict:

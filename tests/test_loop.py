@@ -9,9 +9,13 @@ import subprocess
 import pytest
 from conftest import create_image, mounted, pmemfs
 
-pytestmark = pytest.mark.skipif(
-    not os.path.exists("/dev/loop-control") or os.getuid() != 0, reason="needs root and /dev/loop-control for losetup"
-)
+pytestmark = [
+    pytest.mark.usefixtures("serving_mode"),
+    pytest.mark.skipif(
+        not os.path.exists("/dev/loop-control") or os.getuid() != 0,
+        reason="needs root and /dev/loop-control for losetup",
+    ),
+]
 
 
 def run(*command: str) -> subprocess.CompletedProcess[str]:

@@ -10,6 +10,8 @@ import subprocess
 import pytest
 from conftest import DirectFile, Mount, mounted, pmemfs
 
+pytestmark = pytest.mark.usefixtures("serving_mode")
+
 
 def dd(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["dd", "status=none", *args], capture_output=True, text=True, timeout=120)

@@ -18,6 +18,8 @@ from conftest import PMEMFS, DirectFile, Mount, mounted, pmemfs, process_alive, 
 
 from pmemfs.client import PinSession
 
+pytestmark = pytest.mark.usefixtures("serving_mode")
+
 
 def registry(mount: Mount) -> dict:
     return mount.status()["registry"]

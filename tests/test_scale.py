@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from conftest import DirectFile, create_image, mounted
+
+pytestmark = pytest.mark.usefixtures("serving_mode")
 
 
 def rss_bytes(pid: int) -> int:

@@ -1,0 +1,54 @@
+"""Serving modes: the fast blocking loop, and the fall-back to trio when pyfuse3 lacks the backend slot."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from conftest import DirectFile, pmemfs
+from pmemfs.client import wait_until_answering
+
+SIMULATE_MISSING_SLOT = """
+import sys
+import pmemfs.serving
+pmemfs.serving.BACKEND_SLOT = "no_such_slot"  # as if pyfuse3 had renamed or dropped it
+from pmemfs.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_missing_backend_slot_falls_back_to_trio_with_one_warning(image: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    with subprocess.Popen(
+        [sys.executable, "-c", SIMULATE_MISSING_SLOT, "mount", "--foreground", image, str(mountpoint)],
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as daemon:
+        try:
+            wait_until_answering(str(mountpoint), daemon)  # type: ignore[arg-type]
+            with DirectFile(str(mountpoint / "pmem0")) as direct:
+                direct.pwrite(b"t" * 4096, 0)
+                assert direct.pread(4096, 0) == b"t" * 4096
+            assert mountpoint.joinpath(".pmemfs", "status").read_text()
+        finally:
+            pmemfs("umount", str(mountpoint))
+            _, stderr = daemon.communicate(timeout=30)
+    assert daemon.returncode == 0
+    warnings = [line for line in stderr.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1 and "fast data path is unavailable" in warnings[0] and "no_such_slot" in warnings[0]
+    assert "served with the trio loop" in stderr
+
+
+def test_fast_loop_is_the_default(image: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    mountpoint = str(tmp_path / "mnt")
+    os.mkdir(mountpoint)
+    log = tmp_path / "daemon.log"
+    pmemfs("mount", image, mountpoint, "--log", str(log))
+    try:
+        with DirectFile(os.path.join(mountpoint, "pmem0")) as direct:
+            direct.pwrite(b"f" * 4096, 0)
+    finally:
+        pmemfs("umount", mountpoint)
+    assert "served with the fast loop" in log.read_text()
