@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from conftest import DirectFile, pmemfs
+
 from pmemfs.client import wait_until_answering
 
 SIMULATE_MISSING_SLOT = """
