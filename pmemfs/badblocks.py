@@ -9,8 +9,10 @@ persisted in the image header on every change, so they survive umount and kill -
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
-from collections.abc import Callable
+from collections.abc import Iterator
+from typing import Protocol
 
 from .errors import InvalidRange, NoSpace, PmemfsError
 from .infoblock import BADBLOCKS_MAX, SECTOR_SIZE
@@ -25,21 +27,72 @@ class MediaError(PmemfsError):
 Extent = tuple[int, int]  # (first sector, sector count)
 
 
-class BadBlocks:
-    def __init__(
-        self, extents: tuple[Extent, ...], nsectors: int, persist: Callable[[tuple[Extent, ...]], None]
-    ) -> None:
-        self.nsectors = nsectors
-        self._persist = persist
-        self._set(_merged(extents), persist=False)
+class BadBlockStore(Protocol):
+    """Where the table lives. Every serving process has its own BadBlocks over one store."""
 
-    def _set(self, extents: list[Extent], *, persist: bool = True) -> None:
-        if len(extents) > BADBLOCKS_MAX:
-            raise NoSpace(f"the badblocks table is full ({BADBLOCKS_MAX} extents)")
-        if persist:
-            self._persist(tuple(extents))
+    def load(self) -> tuple[Extent, ...]: ...
+    def save(self, extents: tuple[Extent, ...]) -> None: ...
+    def locked(self) -> contextlib.AbstractContextManager[None]: ...
+    def generation(self) -> int: ...
+    def bump_generation(self) -> None: ...
+
+
+class MemoryStore:
+    """A store for one process (tests, offline tools)."""
+
+    def __init__(self, extents: tuple[Extent, ...] = ()) -> None:
         self.extents = extents
-        self._starts = [start for start, _ in extents]
+        self.saved: list[tuple[Extent, ...]] = []
+        self._generation = 0
+
+    def load(self) -> tuple[Extent, ...]:
+        return self.extents
+
+    def save(self, extents: tuple[Extent, ...]) -> None:
+        self.extents = extents
+        self.saved.append(extents)
+
+    def locked(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def generation(self) -> int:
+        return self._generation
+
+    def bump_generation(self) -> None:
+        self._generation += 1
+
+
+class BadBlocks:
+    def __init__(self, nsectors: int, store: BadBlockStore) -> None:
+        self.nsectors = nsectors
+        self.store = store
+        self._reload()
+
+    def _reload(self) -> None:
+        self._seen = self.store.generation()
+        self.extents = _merged(self.store.load())
+        self._starts = [start for start, _ in self.extents]
+
+    def changed_or_bad(self) -> bool:
+        """The I/O path's test: True when some sector is bad (after picking up another process's change)."""
+        if self.store.generation() != self._seen:
+            self._reload()
+        return bool(self.extents)
+
+    @contextlib.contextmanager
+    def _changing(self) -> Iterator[list[Extent]]:
+        """Change the table as the only writer, starting from what every process last wrote."""
+        with self.store.locked():
+            self._reload()
+            extents = list(self.extents)
+            yield extents
+            merged = _merged(extents)
+            if merged != self.extents:
+                if len(merged) > BADBLOCKS_MAX:
+                    raise NoSpace(f"the badblocks table is full ({BADBLOCKS_MAX} extents)")
+                self.store.save(tuple(merged))
+                self.store.bump_generation()
+            self._reload()
 
     @property
     def sector_count(self) -> int:
@@ -51,23 +104,24 @@ class BadBlocks:
 
     def add(self, sector: int, count: int) -> None:
         self._check(sector, count)
-        self._set(_merged([*self.extents, (sector, count)]))
+        with self._changing() as extents:
+            extents.append((sector, count))
 
     def clear(self, sector: int, count: int) -> None:
         self._check(sector, count)
         end = sector + count
-        kept: list[Extent] = []
-        for start, n in self.extents:
-            if start < sector:
-                kept.append((start, min(n, sector - start)))
-            if start + n > end:
-                kept.append((max(start, end), start + n - max(start, end)))
-        if kept != self.extents:
-            self._set(kept)
+        with self._changing() as extents:
+            kept: list[Extent] = []
+            for start, n in extents:
+                if start < sector:
+                    kept.append((start, min(n, sector - start)))
+                if start + n > end:
+                    kept.append((max(start, end), start + n - max(start, end)))
+            extents[:] = kept
 
     def clear_all(self) -> None:
-        if self.extents:
-            self._set([])
+        with self._changing() as extents:
+            extents.clear()
 
     def overlapping(self, sector: int, count: int) -> list[Extent]:
         """The bad extents, clipped to [sector, sector + count)."""
@@ -82,7 +136,7 @@ class BadBlocks:
                 found.append((lo, hi - lo))
         return found
 
-    # The I/O path. Callers test ``self.extents`` first, so an empty table costs nothing.
+    # The I/O path. Callers test ``changed_or_bad()`` first, so an empty table costs next to nothing.
     def check_read(self, offset: int, length: int) -> None:
         first, end = offset // SECTOR_SIZE, -(-(offset + length) // SECTOR_SIZE)
         bad = self.overlapping(first, end - first)

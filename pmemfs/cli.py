@@ -194,13 +194,15 @@ def cmd_pages(args: argparse.Namespace) -> str | None:
 
 
 def cmd_trace(args: argparse.Namespace) -> str | None:
-    last_seq = 0
+    # Each line starts with "<serving process>:<sequence>", unique while it stays in the ring.
+    printed: set[str] = set()
     while True:
-        for line in client.read_control(args.mountpoint, "trace").splitlines():
-            seq = int(line.split(" ", 1)[0])
-            if seq > last_seq:
+        lines = client.read_control(args.mountpoint, "trace").splitlines()
+        for line in lines:
+            key = line.split(" ", 1)[0]
+            if key not in printed:
                 print(line, flush=True)
-                last_seq = seq
+        printed = {line.split(" ", 1)[0] for line in lines}
         if not args.follow:
             return None
         time.sleep(0.2)

@@ -235,8 +235,10 @@ class PinSession:
         self._command("revive", "reviving the device reference")
 
     def pins(self) -> list[dict[str, object]]:
+        # Read from offset 0: writes move the file position, and the daemon renders the listing
+        # afresh for every read at 0.
         listing = b""
-        while chunk := os.read(self.fd, 65536):
+        while chunk := os.pread(self.fd, 65536, len(listing)):
             listing += chunk
         pins = []
         for line in listing.decode().splitlines():

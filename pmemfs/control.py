@@ -61,6 +61,7 @@ def control_files(
                 "log": log_path,
                 **region.geometry.as_dict(),
                 **region.header.as_dict(),
+                "badblock_count": badblocks.sector_count,
                 "previous_shutdown": "clean" if region.previous_shutdown_clean else "unclean",
                 "stale_references": {"pages": sum(r["npages"] for r in stale), "ranges": stale[:64]},
                 "blockdev": blockdevs[0] if blockdevs else None,

@@ -20,7 +20,9 @@ from .errors import PmemfsError
 from .fs import PmemOperations
 from .infoblock import SECTOR_SIZE
 from .memmap import open_registry, reset_records
+from .pages import chunks_for
 from .region import Region
+from .shared import SharedState
 
 log = logging.getLogger("pmemfs")
 
@@ -56,8 +58,10 @@ def run(
         region.mark_dirty()
         if not region.previous_shutdown_clean:
             log.warning("%s was not shut down cleanly (unclean shutdowns: %d)", image, region.header.unclean_shutdowns)
-        registry, stale = open_registry(region, previous_epoch, region.header.mount_count & 0xFFFFFFFF)
-        badblocks = BadBlocks(region.header.badblocks, region.data_size // SECTOR_SIZE, region.set_badblocks)
+        shared = SharedState(chunks_for(region.geometry.npfns))
+        region.share_generations(shared.flag_cells())
+        registry, stale = open_registry(region, previous_epoch, region.header.mount_count & 0xFFFFFFFF, shared)
+        badblocks = BadBlocks(region.data_size // SECTOR_SIZE, region.badblock_store())
         ops = PmemOperations(region, registry, badblocks, [], track_references=track_references)
         ops.add_control_files(
             control_files(

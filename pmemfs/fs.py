@@ -19,9 +19,10 @@ from .badblocks import BadBlocks
 from .control import ControlFile
 from .errors import PmemfsError
 from .infoblock import PAGE_SIZE, SECTOR_SIZE
-from .pages import PageRegistry
+from .pages import FILES, PageRegistry
 from .region import Region
 from .sessions import PinSessions, Session
+from .shared import COUNTER
 
 PMEM0_INODE = pyfuse3.ROOT_INODE + 1
 DAX0_INODE = PMEM0_INODE + 1
@@ -29,37 +30,44 @@ CONTROL_DIR_INODE = DAX0_INODE + 1
 PIN_INODE = CONTROL_DIR_INODE + 1
 FIRST_CONTROL_FILE_INODE = PIN_INODE + 1
 DATA_FILES = {PMEM0_INODE: "pmem0", DAX0_INODE: "dax0"}
+FILE_CODES = {inode: FILES.index(name) for inode, name in DATA_FILES.items()}
 CONTROL_DIR_NAME = b".pmemfs"
 PIN_NAME = b"pin"
 # Nothing in the tree ever changes shape or size, so the kernel may cache all of it.
 ATTR_TIMEOUT_S = 3600.0
+OPEN_CACHE_LIMIT = 4096
 
 
-@dataclasses.dataclass
-class Counters:
-    reads: int = 0
-    writes: int = 0
-    read_bytes: int = 0
-    write_bytes: int = 0
-    direct_reads: int = 0
-    direct_writes: int = 0
-    fsyncs: int = 0
-    errors: int = 0
+IO_COUNTERS = ("reads", "writes", "read_bytes", "write_bytes", "direct_reads", "direct_writes", "fsyncs", "errors")
+READS, WRITES, READ_BYTES, WRITE_BYTES, DIRECT_READS, DIRECT_WRITES, FSYNCS, ERRORS = (COUNTER[n] for n in IO_COUNTERS)
 
 
 @dataclasses.dataclass
 class OpenFile:
+    """What a file handle stands for. Everything but the snapshot is encoded in the handle itself,
+    because the kernel may send a handle's requests to any serving process."""
+
     inode: int
     direct: bool
     pid: int
-    snapshot: bytes = b""
+    file_code: int
     session: Session | None = None
-    listing: bytes | None = None
-    cursor: int = 0
+    snapshot: bytes | None = None
 
     @property
     def name(self) -> str:
         return DATA_FILES.get(self.inode, "")
+
+    @classmethod
+    def from_fh(cls, fh: int) -> OpenFile:
+        inode, direct, pid = fh & 0xFF, bool(fh >> 8 & 1), fh >> 32
+        session = Session(fh, pid) if inode == PIN_INODE else None
+        return cls(inode, direct, pid, FILE_CODES.get(inode, 0), session)
+
+
+def make_fh(inode: int, direct: bool, column: int, serial: int, pid: int) -> int:
+    """inode (8 bits) | direct (1) | serving column (4) | serial (19) | pid (32)."""
+    return inode | direct << 8 | column << 9 | (serial & 0x7FFFF) << 13 | pid << 32
 
 
 class PmemOperations(pyfuse3.Operations):
@@ -82,13 +90,13 @@ class PmemOperations(pyfuse3.Operations):
         self.badblocks = badblocks
         self.sessions = PinSessions(registry, region, badblocks)
         self.data_size = region.data_size
-        self.counters = Counters()
         self.track_references = track_references
         self._control = {FIRST_CONTROL_FILE_INODE + i: f for i, f in enumerate(control_files)}
         self._control_by_name = {f.name.encode(): inode for inode, f in self._control.items()}
         self._control_by_name[PIN_NAME] = PIN_INODE
+        # This process's view of open handles: decoded from the handle, plus control snapshots.
         self._open: dict[int, OpenFile] = {}
-        self._next_fh = 1
+        self._serial = 0
         self._mount_ns = time.time_ns()
         # References of reads whose reply still points into the mapping: dropped once it is sent.
         self._replying = registry.in_flight
@@ -100,7 +108,24 @@ class PmemOperations(pyfuse3.Operations):
             self._control_by_name[control_file.name.encode()] = inode
 
     def statistics(self) -> dict[str, int]:
-        return {**dataclasses.asdict(self.counters), "open_files": len(self._open)}
+        totals = self.registry.shared.counter_totals()
+        return {name: totals[name] for name in IO_COUNTERS}
+
+    def _count(self, counter: int, n: int = 1) -> None:
+        self.registry.counter_row[counter] += n
+
+    def _handle(self, fh: int) -> OpenFile:
+        handle = self._open.get(fh)
+        if handle is None:
+            if len(self._open) >= OPEN_CACHE_LIMIT:
+                # Releases may go to another serving process: keep this cache bounded.
+                self._open.clear()
+            handle = self._open[fh] = OpenFile.from_fh(fh)
+        return handle
+
+    def _new_fh(self, inode: int, direct: bool, pid: int) -> int:
+        self._serial += 1
+        return make_fh(inode, direct, self.registry.column, self._serial, pid)
 
     def release_replied(self) -> None:
         """Drop the references of read replies that have gone out (the transfer is over)."""
@@ -183,22 +208,21 @@ class PmemOperations(pyfuse3.Operations):
     # Files
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         self.release_replied()
-        fh = self._next_fh
-        self._next_fh += 1
         if inode in DATA_FILES:
             # O_TRUNC is ignored, as a block device ignores it, so `dd of=pmem0` keeps the media.
             direct = bool(flags & os.O_DIRECT) and inode == PMEM0_INODE
-            self._open[fh] = OpenFile(inode, direct, ctx.pid)
             # keep_cache=False: each buffered open sees what O_DIRECT writers stored meanwhile.
-            return pyfuse3.FileInfo(fh=fh, direct_io=direct, keep_cache=False)
+            return pyfuse3.FileInfo(fh=self._new_fh(inode, direct, ctx.pid), direct_io=direct, keep_cache=False)
         if inode == PIN_INODE:
-            self._open[fh] = OpenFile(inode, True, ctx.pid, session=self.sessions.open(ctx.pid))
-            return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=True)
+            fh = self._new_fh(inode, True, ctx.pid)
+            self.sessions.open(self._handle(fh).session)  # type: ignore[arg-type]
+            return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
         if inode in self._control:
             control = self._control[inode]
             if flags & os.O_ACCMODE != os.O_RDONLY and control.store is None:
                 raise pyfuse3.FUSEError(errno.EACCES)
-            self._open[fh] = OpenFile(inode, True, ctx.pid, control.render())
+            fh = self._new_fh(inode, True, ctx.pid)
+            self._handle(fh).snapshot = control.render()
             return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
         raise pyfuse3.FUSEError(errno.EISDIR if inode in (pyfuse3.ROOT_INODE, CONTROL_DIR_INODE) else errno.ENOENT)
 
@@ -208,46 +232,47 @@ class PmemOperations(pyfuse3.Operations):
             return None
         pfn = off // PAGE_SIZE
         return self.registry.begin_transfer(
-            handle.direct, handle.pid, handle.name, pfn, (off + size - 1) // PAGE_SIZE - pfn + 1
+            handle.direct, handle.pid, handle.file_code, pfn, (off + size - 1) // PAGE_SIZE - pfn + 1
         )
 
     def _check_transfer(self, handle: OpenFile, off: int, size: int) -> None:
         if handle.direct and (off % SECTOR_SIZE or size % SECTOR_SIZE):
-            self.counters.errors += 1
+            self._count(ERRORS)
             raise pyfuse3.FUSEError(errno.EINVAL)
+
+    def _snapshot(self, handle: OpenFile, off: int) -> bytes:
+        """A control file's content for a read: rendered at offset 0, or when this serving process
+        has not seen the handle before (its open went to another one)."""
+        if handle.snapshot is None or off == 0:
+            if handle.session is not None:
+                handle.snapshot = self.sessions.listing(handle.session)
+            else:
+                handle.snapshot = self._control[handle.inode].render()
+        return handle.snapshot
 
     # pyfuse3 replies with any contiguous buffer, so a view of the mapping saves a copy.
     async def read(self, fh: int, off: int, size: int) -> memoryview | bytes:  # type: ignore[override]
         if self._replying:
             self.release_replied()
-        handle = self._open[fh]
-        if handle.session is not None:
-            # A stream (writes move the file position): serve a listing taken at the first read,
-            # end it with one empty read, and take a fresh one at the read after that.
-            if handle.listing is None:
-                handle.listing, handle.cursor = self.sessions.listing(handle.session), 0
-            chunk = handle.listing[handle.cursor : handle.cursor + size]
-            handle.cursor += len(chunk)
-            if not chunk:
-                handle.listing = None
-            return chunk
-        if not handle.name:
-            return handle.snapshot[off : off + size]
+        handle = self._open.get(fh) or self._handle(fh)
+        if not handle.file_code:
+            return self._snapshot(handle, off)[off : off + size]
         self._check_transfer(handle, off, size)
         if off >= self.data_size or size == 0:
             return b""
         size = min(size, self.data_size - off)
         try:
-            if self.badblocks.extents:
+            if self.badblocks.changed_or_bad():
                 self.badblocks.check_read(off, size)
             holder = self._reference(handle, off, size)
         except PmemfsError as err:
-            self.counters.errors += 1
+            self._count(ERRORS)
             raise pyfuse3.FUSEError(err.errno) from None
-        counters = self.counters
-        counters.reads += 1
-        counters.read_bytes += size
-        counters.direct_reads += handle.direct
+        ctr = self.registry.counter_row
+        ctr[READS] += 1
+        ctr[READ_BYTES] += size
+        if handle.direct:
+            ctr[DIRECT_READS] += 1
         if holder is not None:
             # The reply is copied out of the mapping after we return: the pin lasts until then.
             self._replying.append(holder)
@@ -256,33 +281,20 @@ class PmemOperations(pyfuse3.Operations):
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         if self._replying:
             self.release_replied()
-        handle = self._open[fh]
-        if handle.session is not None:
-            try:
-                self.sessions.command(handle.session, buf.decode(errors="replace"))
-            except PmemfsError as err:
-                raise pyfuse3.FUSEError(err.errno) from None
-            return len(buf)
-        if not handle.name:
-            control = self._control.get(handle.inode)
-            if control is None or control.store is None:
-                raise pyfuse3.FUSEError(errno.EBADF)
-            try:
-                control.store(buf)
-            except PmemfsError as err:
-                raise pyfuse3.FUSEError(err.errno) from None
-            return len(buf)
+        handle = self._open.get(fh) or self._handle(fh)
+        if not handle.file_code:
+            return self._control_write(handle, buf)
         size = len(buf)
         self._check_transfer(handle, off, size)
         if off >= self.data_size:
-            self.counters.errors += 1
+            self._count(ERRORS)
             raise pyfuse3.FUSEError(errno.ENOSPC)
         if off + size > self.data_size:
             # A write across the end is short, as on /dev/pmemN; the next one gets ENOSPC.
             size = self.data_size - off
             buf = memoryview(buf)[:size]  # type: ignore[assignment]
         try:
-            if self.badblocks.extents:
+            if self.badblocks.changed_or_bad():
                 self.badblocks.clear_for_write(off, size)
             holder = self._reference(handle, off, size)
             try:
@@ -291,20 +303,34 @@ class PmemOperations(pyfuse3.Operations):
                 if holder is not None:
                     self.registry.end_transfer(holder)
         except PmemfsError as err:
-            self.counters.errors += 1
+            self._count(ERRORS)
             raise pyfuse3.FUSEError(err.errno) from None
-        counters = self.counters
-        counters.writes += 1
-        counters.write_bytes += size
-        counters.direct_writes += handle.direct
+        ctr = self.registry.counter_row
+        ctr[WRITES] += 1
+        ctr[WRITE_BYTES] += size
+        if handle.direct:
+            ctr[DIRECT_WRITES] += 1
         return size
 
+    def _control_write(self, handle: OpenFile, buf: bytes) -> int:
+        try:
+            if handle.session is not None:
+                self.sessions.command(handle.session, buf.decode(errors="replace"))
+            else:
+                control = self._control.get(handle.inode)
+                if control is None or control.store is None:
+                    raise pyfuse3.FUSEError(errno.EBADF)
+                control.store(buf)
+        except PmemfsError as err:
+            raise pyfuse3.FUSEError(err.errno) from None
+        return len(buf)
+
     async def fsync(self, fh: int, datasync: bool) -> None:
-        self.counters.fsyncs += 1
+        self._count(FSYNCS)
         try:
             self.region.flush()
         except OSError as err:
-            self.counters.errors += 1
+            self._count(ERRORS)
             raise pyfuse3.FUSEError(err.errno or errno.EIO) from None
 
     async def flush(self, fh: int) -> None:
@@ -312,6 +338,6 @@ class PmemOperations(pyfuse3.Operations):
 
     async def release(self, fh: int) -> None:
         self.release_replied()
-        handle = self._open.pop(fh, None)
-        if handle is not None and handle.session is not None:
+        handle = self._open.pop(fh, None) or OpenFile.from_fh(fh)
+        if handle.session is not None:
             self.sessions.close(handle.session)

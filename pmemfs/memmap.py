@@ -16,6 +16,7 @@ import numpy as np
 from .infoblock import PAGE_SIZE, RESERVED_HEAD
 from .pages import CHUNK_PAGES, RECORD_DTYPE, PageRegistry
 from .region import Region
+from .shared import SharedState
 
 log = logging.getLogger("pmemfs")
 MEMMAP_OFFSET = RESERVED_HEAD
@@ -27,12 +28,14 @@ def memmap_span(region: Region) -> tuple[int, int]:
     return MEMMAP_OFFSET, -(-end // PAGE_SIZE) * PAGE_SIZE
 
 
-def open_registry(region: Region, previous_epoch: int, epoch: int) -> tuple[PageRegistry, list[dict[str, int]]]:
+def open_registry(
+    region: Region, previous_epoch: int, epoch: int, shared: SharedState | None = None
+) -> tuple[PageRegistry, list[dict[str, int]]]:
     """Attach a registry for this mount; return it and the stale references it found and cleared."""
     npfns = region.geometry.npfns
     if region.geometry.map == "mem":
-        shared = mmap.mmap(-1, npfns * RECORD_DTYPE.itemsize, flags=mmap.MAP_SHARED)
-        return PageRegistry(np.frombuffer(shared, dtype=RECORD_DTYPE), epoch=epoch), []
+        dram = mmap.mmap(-1, npfns * RECORD_DTYPE.itemsize, flags=mmap.MAP_SHARED)
+        return PageRegistry(np.frombuffer(dram, dtype=RECORD_DTYPE), epoch=epoch, shared=shared), []
 
     start, end = memmap_span(region)
     records = region.image[start : start + npfns * RECORD_DTYPE.itemsize].view(type=np.ndarray, dtype=RECORD_DTYPE)
@@ -41,7 +44,7 @@ def open_registry(region: Region, previous_epoch: int, epoch: int) -> tuple[Page
         offset = start + chunk * CHUNK_PAGES * RECORD_DTYPE.itemsize
         region.allocate(offset, min(CHUNK_PAGES * RECORD_DTYPE.itemsize, end - offset))
 
-    registry = PageRegistry(records, epoch=epoch, back_chunk=back_chunk)
+    registry = PageRegistry(records, epoch=epoch, back_chunk=back_chunk, shared=shared)
     extents = [
         ((lo - start) // RECORD_DTYPE.itemsize, -(-(hi - start) // RECORD_DTYPE.itemsize))
         for lo, hi in region.extents(start, end)

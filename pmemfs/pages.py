@@ -9,11 +9,10 @@ and a page's refcount is the sum of its row. Every operation works on whole rang
 
 from __future__ import annotations
 
-import collections
-import dataclasses
 import enum
 import errno
 import itertools
+import struct
 import time
 from collections.abc import Callable
 from typing import NamedTuple
@@ -21,22 +20,54 @@ from typing import NamedTuple
 import numpy as np
 
 from .errors import PmemfsError
+from .shared import (
+    COUNTER,
+    DEVICE_ALIVE,
+    DEVICE_KILLER,
+    HOLDER_SLOTS,
+    NCOLUMNS,
+    TRACE_DTYPE,
+    TRACE_EVENTS,
+    TRACE_NOTE,
+    SharedState,
+)
 
 GUP_PIN_COUNTING_BIAS = 1024
-NCOLUMNS = 14
 RECORD_DTYPE = np.dtype([("epoch", "<u4"), ("flags", "<u4"), ("refs", "<i4", (NCOLUMNS,))])
 REFS_OFFSET = 8
 assert RECORD_DTYPE.itemsize == 64 and RECORD_DTYPE.fields is not None and RECORD_DTYPE.fields["refs"][1] == REFS_OFFSET
 # Records are backed (allocated in the image, stamped with the epoch) this many pages at a time,
 # and only backed chunks are scanned when listing references.
 CHUNK_PAGES = 32768  # 2 MiB of records
-TRACE_EVENTS = 4096
+FILES = ("", "pmem0", "dax0")
+WHATS = (
+    "",
+    "get",
+    "put",
+    "pin",
+    "unpin",
+    "refused",
+    "teardown",
+    "revive",
+    "reset",
+    "session",
+    "zero",
+    "inject",
+    "uninject",
+)
+_TRACE_RECORD = struct.Struct(f"<QQiBBxxQQ{TRACE_NOTE}s")
+assert _TRACE_RECORD.size == TRACE_DTYPE.itemsize
 
 
 class Kind(enum.Enum):
+    # The values are what the shared holder table stores.
     GET = "get"  # get_page: buffered page-cache fills and writebacks
     PIN = "pin"  # pin_user_pages (FOLL_PIN): a direct-I/O transfer, or a short-term session pin
     LONGTERM = "longterm"  # FOLL_PIN | FOLL_LONGTERM: an RDMA-style registration
+
+    @property
+    def code(self) -> int:
+        return KIND_CODES[self]
 
     @property
     def delta(self) -> int:
@@ -90,7 +121,12 @@ class Holder(NamedTuple):
         }
 
 
+KIND_CODES = {Kind.GET: 1, Kind.PIN: 2, Kind.LONGTERM: 3}
+KINDS = {code: kind for kind, code in KIND_CODES.items()}
+
+
 class Event(NamedTuple):
+    column: int
     seq: int
     time_ns: int
     what: str  # get, put, pin, unpin, refused, teardown, revive, reset, session
@@ -103,21 +139,35 @@ class Event(NamedTuple):
     def line(self) -> str:
         stamp = time.strftime("%H:%M:%S", time.localtime(self.time_ns / 1e9)) + f".{self.time_ns % 10**9 // 1000:06d}"
         where = f" {self.file} pfn {self.pfn}+{self.npages}" if self.npages else ""
-        return f"{self.seq} {stamp} {self.what} pid {self.pid}{where}{' ' + self.note if self.note else ''}"
+        return (
+            f"{self.column}:{self.seq} {stamp} {self.what} pid {self.pid}{where}{' ' + self.note if self.note else ''}"
+        )
 
 
-@dataclasses.dataclass
-class Counters:
-    nr_foll_pin_acquired: int = 0  # pages, as /proc/vmstat counts them
-    nr_foll_pin_released: int = 0
-    nr_get_page: int = 0
-    nr_put_page: int = 0
-    nr_unbalanced: int = 0
-    nr_refused: int = 0
+REGISTRY_COUNTERS = (
+    "nr_foll_pin_acquired",
+    "nr_foll_pin_released",
+    "nr_get_page",
+    "nr_put_page",
+    "nr_unbalanced",
+    "nr_refused",
+)
+NR_PIN_ACQUIRED, NR_PIN_RELEASED, NR_GET_PAGE, NR_PUT_PAGE, NR_UNBALANCED, NR_REFUSED = (
+    COUNTER[n] for n in REGISTRY_COUNTERS
+)
+WHAT_GET, WHAT_PUT, WHAT_PIN, WHAT_UNPIN = (WHATS.index(w) for w in ("get", "put", "pin", "unpin"))
+
+
+def chunks_for(npfns: int) -> int:
+    return -(-npfns // CHUNK_PAGES)
 
 
 class PageRegistry:
-    """Refcounts for ``npfns`` data pages over a record array that lives in the image or in DRAM."""
+    """Refcounts for ``npfns`` data pages over a record array that lives in the image or in DRAM.
+
+    Counters, holders, the trace and the device reference live in ``shared``, so that every
+    serving process sees one registry; this process writes column ``column`` of each.
+    """
 
     def __init__(
         self,
@@ -126,49 +176,60 @@ class PageRegistry:
         epoch: int,
         column: int = 0,
         back_chunk: Callable[[int], None] | None = None,
+        shared: SharedState | None = None,
     ) -> None:
         assert records.dtype == RECORD_DTYPE
         self.records = records
         self.npfns = len(records)
         self.epoch = epoch
-        self.column = column
         self._refs = records["refs"]
+        self._back_chunk = back_chunk
+        self.shared = shared or SharedState(chunks_for(self.npfns))
+        assert len(self.shared.backed) >= chunks_for(self.npfns)
+        self._flags = self.shared.flag_cells()
+        self.set_column(column)
+        # Transfers under way in this process (direct-I/O reads whose reply is being sent), as plain
+        # Holder tuples: the I/O path makes one per request, and a tuple costs a fifth of a NamedTuple.
+        self.in_flight: list[tuple] = []
+
+    def set_column(self, column: int) -> None:
+        """Become serving process ``column``: write that column of records, counters, trace and holders."""
+        assert 0 <= column < NCOLUMNS
+        self.column = column
         self._own = self._refs[:, column]
         # Single pages (most 4k transfers) go through a memoryview: a tenth of numpy's scalar cost.
-        self._words = records.view(np.int32).reshape(-1).data
+        self._words = self.records.view(np.int32).reshape(-1).data
         self._own_word = REFS_OFFSET // 4 + column
-        self._back_chunk = back_chunk
-        self._backed = np.zeros(-(-self.npfns // CHUNK_PAGES), dtype=bool)
-        self._backed_bytes = self._backed.data.cast("B")
-        self.counters = Counters()
-        self.alive = True
-        self._holders: dict[int, Holder] = {}
-        # Transfers under way (direct-I/O reads whose reply is being sent), as plain Holder tuples:
-        # the I/O path makes one per request, and a tuple costs a fifth of a NamedTuple.
-        self.in_flight: list[tuple] = []
-        self._holder_ids = itertools.count(1)
-        self._trace: collections.deque[tuple] = collections.deque(maxlen=TRACE_EVENTS)
-        self._seq = itertools.count(1)
+        self._backed = self.shared.backed
+        self._backed_bytes = self._backed.data
+        self.counter_row = self.shared.counter_row(column)
+        self._holder_slots = self.shared.holders[column]
+        self._holder_ids = itertools.count(column * 1_000_000_000 + 1)
+        self._trace_base = column * TRACE_EVENTS
+        self._seq = itertools.count(int(self.shared.trace_heads[column]) + 1)
 
     # The kernel's operations, on [pfn, pfn + npages).
     def get_page(self, pfn: int, npages: int = 1) -> None:
         self._add(pfn, npages, 1)
-        self.counters.nr_get_page += npages
+        self.counter_row[NR_GET_PAGE] += npages
 
     def put_page(self, pfn: int, npages: int = 1) -> None:
         self._sub(pfn, npages, 1)
-        self.counters.nr_put_page += npages
+        self.counter_row[NR_PUT_PAGE] += npages
 
     def pin_user_pages(self, pfn: int, npages: int = 1) -> None:
-        if not self.alive:
-            self.counters.nr_refused += 1
+        if not self._flags[DEVICE_ALIVE]:
+            self.counter_row[NR_REFUSED] += 1
             raise DeviceGone("the device is being torn down: no new pins")
         self._add(pfn, npages, GUP_PIN_COUNTING_BIAS)
-        self.counters.nr_foll_pin_acquired += npages
+        self.counter_row[NR_PIN_ACQUIRED] += npages
 
     def unpin_user_pages(self, pfn: int, npages: int = 1) -> None:
         self._sub(pfn, npages, GUP_PIN_COUNTING_BIAS)
-        self.counters.nr_foll_pin_released += npages
+        self.counter_row[NR_PIN_RELEASED] += npages
+
+    def count_refused(self) -> None:
+        self.counter_row[NR_REFUSED] += 1
 
     def page_ref_count(self, pfn: int) -> int:
         return int(self._refs[pfn].sum())
@@ -202,53 +263,93 @@ class PageRegistry:
             if own.min() >= delta or (self.refcounts(pfn, npages) >= delta).all():
                 own -= delta
                 return
-        self.counters.nr_unbalanced += 1
+        self.counter_row[NR_UNBALANCED] += 1
         bad = pfn + int(np.flatnonzero(self.refcounts(pfn, npages) < delta)[0])
         self.trace("refused", 0, "", pfn, npages, f"unbalanced: page {bad} has refcount {self.page_ref_count(bad)}")
         raise UnbalancedPut(f"unbalanced put of {delta} on page {bad} (refcount {self.page_ref_count(bad)})")
 
     def _back(self, first_chunk: int, last_chunk: int) -> None:
-        for chunk in np.flatnonzero(~self._backed[first_chunk : last_chunk + 1]) + first_chunk:
+        for chunk in np.flatnonzero(self._backed[first_chunk : last_chunk + 1] == 0) + first_chunk:
             if self._back_chunk is not None:
                 self._back_chunk(int(chunk))
             lo = int(chunk) * CHUNK_PAGES
             self.records["epoch"][lo : lo + CHUNK_PAGES] = self.epoch
-            self._backed[chunk] = True
+            self._backed[chunk] = 1
 
-    # Holders: each reference taken for a client knows who took it.
-    def take(self, kind: Kind, pid: int, file: str, pfn: int, npages: int) -> Holder:
+    # Holders: each reference taken for a client knows who took it, in the shared holder table.
+    def take(self, kind: Kind, pid: int, file: str, pfn: int, npages: int, *, session: int = 0) -> Holder:
         """Take a reference of ``kind`` for a client and remember it; drop it with :meth:`drop`."""
+        free = np.flatnonzero(self._holder_slots["in_use"] == 0)
+        if not len(free):
+            raise PmemfsError(f"this serving process holds {HOLDER_SLOTS} references already", errno=errno.ENOMEM)
         if kind is Kind.GET:
             self.get_page(pfn, npages)
         else:
             self.pin_user_pages(pfn, npages)
         holder = Holder(next(self._holder_ids), pid, file, pfn, npages, kind, time.time_ns())
-        self._holders[holder.id] = holder
+        slot = self._holder_slots[int(free[0])]
+        slot["kind"], slot["file"], slot["pid"], slot["session"] = kind.code, FILES.index(file), pid, session
+        slot["id"], slot["pfn"], slot["npages"], slot["since_ns"] = holder.id, pfn, npages, holder.since_ns
+        slot["in_use"] = 1  # last: readers in other processes skip the slot until it is whole
         return holder
 
     def drop(self, holder: Holder) -> None:
-        del self._holders[holder.id]
+        """Drop a reference taken by :meth:`take`, in whichever serving process took it."""
+        table = self.shared.holders
+        where = np.argwhere((table["in_use"] == 1) & (table["id"] == holder.id))
+        if not len(where):
+            raise UnbalancedPut(f"no holder {holder.id}")
+        table["in_use"][tuple(where[0])] = 0
         if holder.kind is Kind.GET:
             self.put_page(holder.pfn, holder.npages)
         else:
             self.unpin_user_pages(holder.pfn, holder.npages)
 
-    def holders(self) -> list[Holder]:
-        in_flight = [Holder._make(t) for t in self.in_flight]
-        return sorted([*self._holders.values(), *in_flight], key=lambda h: (h.pfn, h.id))
+    def _holder_rows(self, session: int | None = None) -> np.ndarray:
+        table = self.shared.holders
+        mask = table["in_use"] == 1
+        if session is not None:
+            mask &= table["session"] == session
+        return table[mask]
+
+    def holders(self, *, session: int | None = None) -> list[Holder]:
+        found = [
+            Holder(
+                int(r["id"]),
+                int(r["pid"]),
+                FILES[r["file"]],
+                int(r["pfn"]),
+                int(r["npages"]),
+                KINDS[int(r["kind"])],
+                int(r["since_ns"]),
+            )
+            for r in self._holder_rows(session)
+        ]
+        if session is None:
+            found += [Holder._make(t) for t in self.in_flight]
+        return sorted(found, key=lambda h: (h.pfn, h.id))
 
     def holders_of(self, pfn: int, npages: int = 1) -> list[Holder]:
         return [h for h in self.holders() if h.pfn < pfn + npages and pfn < h.pfn + h.npages]
 
     # The device reference (dev_pagemap's percpu_ref).
-    def kill(self) -> None:
-        self.alive = False
+    @property
+    def alive(self) -> bool:
+        return bool(self._flags[DEVICE_ALIVE])
+
+    def kill(self, session: int = 0) -> None:
+        self._flags[DEVICE_ALIVE] = 0
+        self._flags[DEVICE_KILLER] = session
         self.trace("teardown", 0, "", 0, 0, "device reference killed: new pins fail with ENXIO")
 
     def revive(self) -> None:
         if not self.alive:
-            self.alive = True
+            self._flags[DEVICE_KILLER] = 0
+            self._flags[DEVICE_ALIVE] = 1
             self.trace("revive", 0, "", 0, 0, "device reference revived")
+
+    def killed_by(self, session: int) -> bool:
+        return not self.alive and self._flags[DEVICE_KILLER] == session
 
     # Queries.
     def referenced_ranges(self) -> list[dict[str, int]]:
@@ -274,55 +375,72 @@ class PageRegistry:
 
     def statistics(self) -> dict[str, object]:
         ranges = self.referenced_ranges()
+        totals = self.shared.counter_totals()
         return {
-            **dataclasses.asdict(self.counters),
+            **{name: totals[name] for name in REGISTRY_COUNTERS},
             "referenced_pages": sum(r["npages"] for r in ranges),
             "pinned_pages": sum(r["npages"] for r in ranges if r["refcount"] >= GUP_PIN_COUNTING_BIAS),
-            "holders": len(self._holders) + len(self.in_flight),
+            "holders": len(self.holders()),
             "device_alive": self.alive,
         }
 
-    # Trace.
+    # Trace: one ring per serving process, merged by time when read.
     def trace(self, what: str, pid: int, file: str, pfn: int, npages: int, note: str = "") -> None:
-        self._trace.append((next(self._seq), time.time_ns(), what, pid, file, pfn, npages, note))
+        self._record(time.time_ns(), WHATS.index(what), pid, FILES.index(file), pfn, npages, note.encode()[:TRACE_NOTE])
+
+    def _record(self, now_ns: int, what: int, pid: int, file: int, pfn: int, npages: int, note: bytes = b"") -> None:
+        seq = next(self._seq)
+        _TRACE_RECORD.pack_into(
+            self.shared.trace_bytes, (self._trace_base + seq % TRACE_EVENTS) * _TRACE_RECORD.size,
+            now_ns, seq, pid, what, file, pfn, npages, note,
+        )  # fmt: skip
+        self.shared.trace_heads[self.column] = seq
 
     def events(self) -> list[Event]:
-        return [Event._make(t) for t in self._trace]
+        rows = self.shared.trace[self.shared.trace["seq"] > 0]
+        columns = np.nonzero(self.shared.trace["seq"] > 0)[0]
+        events = [
+            Event(int(c), int(r["seq"]), int(r["time_ns"]), WHATS[r["what"]], int(r["pid"]), FILES[r["file"]],
+                  int(r["pfn"]), int(r["npages"]), r["note"].decode(errors="replace"))
+            for c, r in zip(columns, rows, strict=True)
+        ]  # fmt: skip
+        return sorted(events, key=lambda e: (e.time_ns, e.column, e.seq))
 
     # The I/O path: one call to start a transfer's reference, one to end it, plain tuples in between.
     # The 4k case (one page, records already backed) is inlined: it is most requests.
-    def begin_transfer(self, pin: bool, pid: int, file: str, pfn: int, npages: int) -> tuple:
+    def begin_transfer(self, pin: bool, pid: int, file: int, pfn: int, npages: int) -> tuple:
         now = time.time_ns()
+        ctr = self.counter_row
         if pin:
-            if not self.alive:
-                self.counters.nr_refused += 1
+            if not self._flags[DEVICE_ALIVE]:
+                ctr[NR_REFUSED] += 1
                 raise DeviceGone("the device is being torn down: no new pins")
-            self.counters.nr_foll_pin_acquired += npages
-            delta, kind, what = GUP_PIN_COUNTING_BIAS, Kind.PIN, "pin"
+            ctr[NR_PIN_ACQUIRED] += npages
+            delta, kind, what = GUP_PIN_COUNTING_BIAS, Kind.PIN, WHAT_PIN
         else:
-            self.counters.nr_get_page += npages
-            delta, kind, what = 1, Kind.GET, "get"
+            ctr[NR_GET_PAGE] += npages
+            delta, kind, what = 1, Kind.GET, WHAT_GET
         if npages == 1 and self._backed_bytes[pfn // CHUNK_PAGES]:
             self._words[pfn * 16 + self._own_word] += delta
         else:
             self._add(pfn, npages, delta)
-        self._trace.append((next(self._seq), now, what, pid, file, pfn, npages, ""))
-        return (0, pid, file, pfn, npages, kind, now)
+        self._record(now, what, pid, file, pfn, npages)
+        return (0, pid, FILES[file], pfn, npages, kind, now)
 
     def end_transfer(self, transfer: tuple) -> None:
         _, pid, file, pfn, npages, kind, _ = transfer
         if kind is Kind.PIN:
-            delta, what = GUP_PIN_COUNTING_BIAS, "unpin"
-            self.counters.nr_foll_pin_released += npages
+            delta, what = GUP_PIN_COUNTING_BIAS, WHAT_UNPIN
+            self.counter_row[NR_PIN_RELEASED] += npages
         else:
-            delta, what = 1, "put"
-            self.counters.nr_put_page += npages
+            delta, what = 1, WHAT_PUT
+            self.counter_row[NR_PUT_PAGE] += npages
         index = pfn * 16 + self._own_word
         if npages == 1 and self._words[index] >= delta:
             self._words[index] -= delta
         else:
             self._sub(pfn, npages, delta)
-        self._trace.append((next(self._seq), time.time_ns(), what, pid, file, pfn, npages, ""))
+        self._record(time.time_ns(), what, pid, FILES.index(file), pfn, npages)
 
     # Reset after a daemon that died.
     def stale_ranges(self, previous_epoch: int, pfn_extents: list[tuple[int, int]]) -> list[dict[str, int]]:

@@ -5,6 +5,7 @@ This is the only module that touches the backing file. It knows nothing of FUSE.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
@@ -13,6 +14,7 @@ import fcntl
 import os
 import time
 import uuid as uuidlib
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -27,6 +29,7 @@ from .infoblock import (
     Header,
     InfoBlock,
 )
+from .shared import BADBLOCKS_GENERATION, HOLES_GENERATION
 
 # Blocks of the image are allocated this many bytes at a time before the first store into them,
 # so that a full backing filesystem is an ENOSPC for the writer instead of a SIGBUS in the daemon.
@@ -152,6 +155,7 @@ class Region:
         self.data_size = self.geometry.data_size
         self._allocated = np.zeros(-(-info.file_size // ALLOC_CHUNK), dtype=bool)
         self.previous_shutdown_clean = info.header.clean
+        self.share_generations(memoryview(bytearray(8 * 8)).cast("q"))
 
     @classmethod
     def open(cls, path: str) -> Region:
@@ -181,10 +185,24 @@ class Region:
 
     def mark_clean(self) -> None:
         self.flush()
-        self._write_header(self.header.replace(flags=self.header.flags | FLAG_CLEAN))
+        # Re-read first: serving processes may have changed the badblocks table since we forked.
+        header = self.read_header()
+        self._write_header(header.replace(flags=header.flags | FLAG_CLEAN))
+
+    def read_header(self) -> Header:
+        return Header.unpack(os.pread(self.fd, PAGE_SIZE, HEADER_OFFSET))
 
     def set_badblocks(self, extents: tuple[tuple[int, int], ...]) -> None:
-        self._write_header(self.header.replace(badblocks=extents))
+        self._write_header(self.read_header().replace(badblocks=extents))
+
+    def share_generations(self, cells: memoryview) -> None:
+        """Use the shared generation cells, so that a hole punched by one serving process makes
+        every other one allocate again before its next store there."""
+        self._cells = cells
+        self._seen_holes = cells[HOLES_GENERATION]
+
+    def badblock_store(self) -> ImageBadBlockStore:
+        return ImageBadBlockStore(self)
 
     def _write_header(self, header: Header) -> None:
         os.pwrite(self.fd, header.pack(), HEADER_OFFSET)
@@ -196,6 +214,9 @@ class Region:
         return self._data_bytes[offset : offset + length]
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
+        if self._cells[HOLES_GENERATION] != self._seen_holes:
+            self._seen_holes = self._cells[HOLES_GENERATION]
+            self._allocated[:] = False
         start = self.geometry.dataoff + offset
         first, last = start // ALLOC_CHUNK, (start + len(data) - 1) // ALLOC_CHUNK
         if not self._allocated[first] or (last != first and not self._allocated[first : last + 1].all()):
@@ -211,8 +232,11 @@ class Region:
         if _libc.fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, image_offset, length) != 0:
             err = ctypes.get_errno()
             raise PmemfsError(f"{self.path}: cannot punch a hole: {os.strerror(err)}", errno=err)
-        # Every chunk that now has a hole must be allocated again before the next store into it.
+        # Every chunk that now has a hole must be allocated again before the next store into it,
+        # in every serving process.
         self._allocated[image_offset // ALLOC_CHUNK : (image_offset + length - 1) // ALLOC_CHUNK + 1] = False
+        self._cells[HOLES_GENERATION] += 1
+        self._seen_holes = self._cells[HOLES_GENERATION]
 
     def extents(self, start: int, end: int) -> list[tuple[int, int]]:
         """The allocated (data) extents of the image within [start, end), from SEEK_DATA/SEEK_HOLE."""
@@ -282,3 +306,31 @@ class Region:
             # The mapping holds a dup of our fd, and with it the lock: release the lock explicitly.
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
+
+
+class ImageBadBlockStore:
+    """The badblocks table in the image header, changed under a POSIX lock on the header so that
+    serving processes (which each hold their own lock state) take turns."""
+
+    def __init__(self, region: Region) -> None:
+        self.region = region
+
+    def load(self) -> tuple[tuple[int, int], ...]:
+        return self.region.read_header().badblocks
+
+    def save(self, extents: tuple[tuple[int, int], ...]) -> None:
+        self.region.set_badblocks(extents)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        fcntl.lockf(self.region.fd, fcntl.LOCK_EX, PAGE_SIZE, HEADER_OFFSET)
+        try:
+            yield
+        finally:
+            fcntl.lockf(self.region.fd, fcntl.LOCK_UN, PAGE_SIZE, HEADER_OFFSET)
+
+    def generation(self) -> int:
+        return self.region._cells[BADBLOCKS_GENERATION]
+
+    def bump_generation(self) -> None:
+        self.region._cells[BADBLOCKS_GENERATION] += 1

@@ -32,11 +32,13 @@ from .region import Region
 LONGTERM_ALLOWED = {"pmem0": False, "dax0": True}
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Session:
+    """One open of ``.pmemfs/pin``. Its pins are the registry's holders tagged with its id, so any
+    serving process can act for it."""
+
+    id: int
     pid: int
-    pins: dict[int, Holder] = dataclasses.field(default_factory=dict)
-    killed_device: bool = False
 
 
 class SessionCommandError(PmemfsError):
@@ -60,9 +62,8 @@ class PinSessions:
         if offset < 0 or length <= 0 or offset + length > self.data_size:
             raise InvalidRange(f"range {offset}+{length} is outside the data area (0-{self.data_size})")
 
-    def open(self, pid: int) -> Session:
-        self.registry.trace("session", pid, "", 0, 0, "opened")
-        return Session(pid)
+    def open(self, session: Session) -> None:
+        self.registry.trace("session", session.pid, "", 0, 0, "opened")
 
     def command(self, session: Session, text: str) -> None:
         words = text.split()
@@ -74,7 +75,8 @@ class PinSessions:
                 raise SessionCommandError(f"unknown pin flag {args[3]!r}")
             self.pin(session, args[0], _number(args[1]), _number(args[2]), longterm=len(args) == 4)
         elif verb == "unpin" and len(args) == 1:
-            holder = session.pins.pop(_number(args[0]), None)
+            pin_id = _number(args[0])
+            holder = next((h for h in self.registry.holders(session=session.id) if h.id == pin_id), None)
             if holder is None:
                 raise SessionCommandError(f"this session holds no pin {args[0]}")
             self.registry.drop(holder)
@@ -90,10 +92,8 @@ class PinSessions:
         elif verb == "clear-errors" and not args:
             self.clear_errors(session)
         elif verb == "kill" and not args:
-            session.killed_device = True
-            self.registry.kill()
+            self.registry.kill(session.id)
         elif verb == "revive" and not args:
-            session.killed_device = False
             self.registry.revive()
         else:
             raise SessionCommandError(f"unknown command {text.strip()!r}")
@@ -105,15 +105,14 @@ class PinSessions:
         kind = Kind.LONGTERM if longterm else Kind.PIN
         pfn, npages = _pages(offset, length)
         if longterm and not LONGTERM_ALLOWED[file]:
-            self.registry.counters.nr_refused += 1
+            self.registry.count_refused()
             self.registry.trace("refused", session.pid, file, pfn, npages, "FOLL_LONGTERM on fsdax")
             raise LongtermNotSupported(f"{file} is fsdax: long-term pins are not supported (pin dax0)")
         try:
-            holder = self.registry.take(kind, session.pid, file, pfn, npages)
+            holder = self.registry.take(kind, session.pid, file, pfn, npages, session=session.id)
         except PmemfsError:
             self.registry.trace("refused", session.pid, file, pfn, npages, "device reference is dead")
             raise
-        session.pins[holder.id] = holder
         self.registry.trace("pin", session.pid, file, pfn, npages, f"session pin {holder.id} ({kind.value})")
         return holder
 
@@ -143,19 +142,18 @@ class PinSessions:
     def listing(self, session: Session) -> bytes:
         return "".join(
             f"{h.id} {h.file} {h.pfn * PAGE_SIZE} {h.npages * PAGE_SIZE} {h.kind.value}\n"
-            for h in session.pins.values()
+            for h in self.registry.holders(session=session.id)
         ).encode()
 
     def close(self, session: Session) -> None:
         gone = not _process_running(session.pid)
-        for holder in session.pins.values():
+        for holder in self.registry.holders(session=session.id):
             self.registry.drop(holder)
             self.registry.trace(
                 "unpin", session.pid, holder.file, holder.pfn, holder.npages,
                 f"session pin {holder.id} dropped: " + ("client died" if gone else "session closed"),
             )  # fmt: skip
-        session.pins.clear()
-        if session.killed_device:
+        if self.registry.killed_by(session.id):
             self.registry.revive()
         self.registry.trace("session", session.pid, "", 0, 0, "closed" + (" (client died)" if gone else ""))
 

@@ -14,7 +14,7 @@ import textwrap
 import pytest
 from conftest import DirectFile, Mount, mounted, pmemfs, process_alive, wait_for
 
-from pmemfs.badblocks import BadBlocks, MediaError
+from pmemfs.badblocks import BadBlocks, MediaError, MemoryStore
 from pmemfs.dax import open_dax
 from pmemfs.errors import InvalidRange, NoSpace
 from pmemfs.infoblock import BADBLOCKS_MAX
@@ -25,8 +25,8 @@ pytestmark = pytest.mark.usefixtures("serving_mode")
 
 
 def table(*extents: tuple[int, int]) -> tuple[BadBlocks, list]:
-    saved: list = []
-    return BadBlocks(extents, 10_000, saved.append), saved
+    store = MemoryStore(extents)
+    return BadBlocks(10_000, store), store.saved
 
 
 def test_extents_merge_and_persist() -> None:

@@ -28,8 +28,13 @@ def test_get_put_pin_unpin_bias(registry: PageRegistry) -> None:
     assert registry.page_ref_count(10) == 1 and not registry.page_maybe_dma_pinned(10)
     registry.put_page(10)
     assert registry.page_ref_count(10) == 0
-    c = registry.counters
-    assert (c.nr_foll_pin_acquired, c.nr_foll_pin_released, c.nr_get_page, c.nr_put_page) == (1, 1, 1, 1)
+    st = registry.statistics()
+    assert (st["nr_foll_pin_acquired"], st["nr_foll_pin_released"], st["nr_get_page"], st["nr_put_page"]) == (
+        1,
+        1,
+        1,
+        1,
+    )
 
 
 def test_a_thousand_gets_are_not_a_pin(registry: PageRegistry) -> None:
@@ -53,7 +58,7 @@ def test_range_operations_and_referenced_ranges(registry: PageRegistry) -> None:
     registry.unpin_user_pages(100, 50)
     registry.put_page(120, 50)
     assert registry.referenced_ranges() == []
-    assert registry.counters.nr_foll_pin_acquired == registry.counters.nr_foll_pin_released == 50
+    assert registry.statistics()["nr_foll_pin_acquired"] == registry.statistics()["nr_foll_pin_released"] == 50
 
 
 def test_ranges_across_chunks(registry: PageRegistry) -> None:
@@ -70,12 +75,12 @@ def test_unbalanced_put_is_refused_and_counted(registry: PageRegistry, npages: i
     with pytest.raises(UnbalancedPut):
         registry.put_page(4, npages + 1)  # page 4 has no reference
     assert registry.refcounts(4, npages + 1).tolist() == [0] + [1] * npages
-    assert registry.counters.nr_unbalanced == 2
+    assert registry.statistics()["nr_unbalanced"] == 2
     assert any(e.what == "refused" for e in registry.events())
 
 
 def test_another_process_column_counts_toward_the_total(registry: PageRegistry) -> None:
-    other = PageRegistry(registry.records, epoch=7, column=1)
+    other = PageRegistry(registry.records, epoch=7, column=1, shared=registry.shared)
     other.pin_user_pages(9)
     registry.unpin_user_pages(9)  # released by another serving process: allowed, the sum stays >= 0
     assert registry.page_ref_count(9) == 0
@@ -93,7 +98,7 @@ def test_killed_device_refuses_new_pins(registry: PageRegistry) -> None:
     registry.drop(holder)  # dropping what is held still works during teardown
     registry.revive()
     registry.pin_user_pages(100)
-    assert registry.counters.nr_refused == 1
+    assert registry.statistics()["nr_refused"] == 1
 
 
 def test_pin_and_unpin_of_one_gib_are_single_operations(registry: PageRegistry) -> None:

@@ -1,0 +1,112 @@
+"""State that every serving process sees: one anonymous shared mapping, made before the fork.
+
+Requests land in any serving process, so whatever must be exact across them lives here. Nothing
+needs a lock: each process writes only its own row of counters and its own trace ring and holder
+slots (column = its index), readers sum or merge, and the few shared cells are flags or
+generations whose only question is "did it change".
+"""
+
+from __future__ import annotations
+
+import mmap
+
+import numpy as np
+
+NCOLUMNS = 14  # serving processes that can write at once (column 0 is the parent)
+COUNTERS = (
+    # the registry's, named as /proc/vmstat names them where it has them
+    "nr_foll_pin_acquired",
+    "nr_foll_pin_released",
+    "nr_get_page",
+    "nr_put_page",
+    "nr_unbalanced",
+    "nr_refused",
+    # the I/O path's
+    "reads",
+    "writes",
+    "read_bytes",
+    "write_bytes",
+    "direct_reads",
+    "direct_writes",
+    "fsyncs",
+    "errors",
+)
+COUNTER = {name: i for i, name in enumerate(COUNTERS)}
+COUNTER_SLOTS = 16
+
+# Cells of `flags`.
+DEVICE_ALIVE = 0  # 1 while new pins are allowed (the dev_pagemap reference is live)
+DEVICE_KILLER = 1  # the session that killed the device reference, revived when it closes
+BADBLOCKS_GENERATION = 2  # bumped by every change of the badblocks table
+HOLES_GENERATION = 3  # bumped by every hole punched into the data area
+
+HOLDER_SLOTS = 1024  # per column
+HOLDER_DTYPE = np.dtype(
+    [
+        ("in_use", "u1"),
+        ("kind", "u1"),
+        ("file", "u1"),
+        ("pad", "u1"),
+        ("pid", "<i4"),
+        ("session", "<u8"),
+        ("id", "<u8"),
+        ("pfn", "<u8"),
+        ("npages", "<u8"),
+        ("since_ns", "<u8"),
+    ]
+)
+TRACE_EVENTS = 4096  # per column
+TRACE_NOTE = 48
+TRACE_DTYPE = np.dtype(
+    [
+        ("time_ns", "<u8"),
+        ("seq", "<u8"),
+        ("pid", "<i4"),
+        ("what", "u1"),
+        ("file", "u1"),
+        ("pad", "u2"),
+        ("pfn", "<u8"),
+        ("npages", "<u8"),
+        ("note", f"S{TRACE_NOTE}"),
+    ]
+)
+
+
+class SharedState:
+    """Numpy views over one MAP_SHARED anonymous mapping; fork after making it, and every child shares it."""
+
+    def __init__(self, chunks: int = 1 << 16) -> None:
+        sizes = [
+            ("backed", -(-chunks // 8) * 8),
+            ("counters", NCOLUMNS * COUNTER_SLOTS * 8),
+            ("flags", 8 * 8),
+            ("trace_heads", NCOLUMNS * 8),
+            ("holders", NCOLUMNS * HOLDER_SLOTS * HOLDER_DTYPE.itemsize),
+            ("trace", NCOLUMNS * TRACE_EVENTS * TRACE_DTYPE.itemsize),
+        ]
+        self._mapping = mmap.mmap(-1, sum(size for _, size in sizes), flags=mmap.MAP_SHARED)
+        offset = 0
+        views = {}
+        for name, size in sizes:
+            views[name] = memoryview(self._mapping)[offset : offset + size]
+            offset += size
+        # Which chunks of page records some process has backed (allocated in the image, stamped).
+        self.backed = np.frombuffer(views["backed"], dtype=np.uint8)[:chunks]
+        self.counters = np.frombuffer(views["counters"], dtype=np.int64).reshape(NCOLUMNS, COUNTER_SLOTS)
+        self.flags = np.frombuffer(views["flags"], dtype=np.int64)
+        self.trace_heads = np.frombuffer(views["trace_heads"], dtype=np.int64)
+        self.holders = np.frombuffer(views["holders"], dtype=HOLDER_DTYPE).reshape(NCOLUMNS, HOLDER_SLOTS)
+        self.trace = np.frombuffer(views["trace"], dtype=TRACE_DTYPE).reshape(NCOLUMNS, TRACE_EVENTS)
+        # Byte views for the hot paths: a memoryview item costs a tenth of a numpy scalar.
+        self.trace_bytes = views["trace"]
+        self.flags[DEVICE_ALIVE] = 1
+
+    def counter_row(self, column: int) -> memoryview:
+        return self.counters[column].data.cast("B").cast("q")
+
+    def flag_cells(self) -> memoryview:
+        return self.flags.data.cast("B").cast("q")
+
+    def counter_totals(self) -> dict[str, int]:
+        totals = self.counters.sum(axis=0)
+        return {name: int(totals[i]) for i, name in enumerate(COUNTERS)}
