@@ -12,9 +12,10 @@ import time
 from collections.abc import Sequence
 
 from . import client
-from .errors import PmemfsError
+from .errors import PmemfsError, UsageError
 from .infoblock import DEFAULT_ALIGN, format_size, parse_size
 from .region import create_image, read_image_info
+from .serving import MAX_WORKERS, default_workers
 
 
 class _Parser(argparse.ArgumentParser):
@@ -82,6 +83,11 @@ def cmd_check(args: argparse.Namespace) -> str | None:
 
 
 def cmd_mount(args: argparse.Namespace) -> str | None:
+    if args.serve == "trio" and args.workers not in (None, 1):
+        raise UsageError("--workers needs the fast path: the trio loop serves from one process")
+    if args.workers is not None and not 1 <= args.workers <= MAX_WORKERS:
+        raise UsageError(f"--workers must be between 1 and {MAX_WORKERS}")
+    args.workers = args.workers or (default_workers() if args.serve == "fast" else 1)
     if args.foreground:
         if args.loop:
             raise PmemfsError("--loop needs the daemon in the background: drop --foreground")
@@ -98,11 +104,13 @@ def cmd_mount(args: argparse.Namespace) -> str | None:
             log_path=None,
             track_references=args.track_references,
             serving_mode=args.serve,
+            workers=args.workers,
         )
         if code:
             sys.exit(code)
         return None
-    daemon_args = ("--serve", args.serve) + (() if args.track_references else ("--no-references",))
+    daemon_args: tuple[str, ...] = ("--serve", args.serve, "--workers", str(args.workers))
+    daemon_args += () if args.track_references else ("--no-references",)
     pid = client.start_daemon(args.image, args.mountpoint, log_path=args.log, debug=args.debug, daemon_args=daemon_args)
     if not args.loop:
         return f"mounted {args.image} at {args.mountpoint} (daemon pid {pid})"
@@ -268,6 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("fast", "trio"),
         default="fast",
         help="fast (default): a blocking loop with no event loop on the data path; trio: pyfuse3's trio loop",
+    )
+    mount.add_argument(
+        "--workers",
+        type=int,
+        help=f"serving processes on the fast path (default here: {default_workers()}, one per CPU)",
     )
     # For scripts/bench.py: serve without registry bookkeeping, to measure what it costs.
     mount.add_argument("--no-references", dest="track_references", action="store_false", help=argparse.SUPPRESS)

@@ -48,15 +48,20 @@ def control_files(
     mountpoint: str,
     log_path: str | None,
     stale: list[dict[str, int]],
+    serving: Callable[[], dict[str, object]],
 ) -> list[ControlFile]:
     pmem0_path = os.path.join(mountpoint, "pmem0")
+    # Rendered in whichever serving process gets the request: name the daemon (this process,
+    # before any fork), which is what unmount waits for.
+    daemon_pid = os.getpid()
 
     def status() -> bytes:
         blockdevs = loop_devices_for(pmem0_path)
         return _json(
             {
                 "mountpoint": mountpoint,
-                "pid": os.getpid(),
+                "pid": daemon_pid,
+                "serving": serving(),
                 "image": region.path,
                 "log": log_path,
                 **region.geometry.as_dict(),

@@ -37,6 +37,7 @@ def run(
     log_path: str | None = None,
     track_references: bool = True,
     serving_mode: str = "fast",
+    workers: int = 1,
 ) -> int:
     """Serve IMAGE at MOUNTPOINT until unmounted; return the process exit code.
 
@@ -63,6 +64,8 @@ def run(
         registry, stale = open_registry(region, previous_epoch, region.header.mount_count & 0xFFFFFFFF, shared)
         badblocks = BadBlocks(region.data_size // SECTOR_SIZE, region.badblock_store())
         ops = PmemOperations(region, registry, badblocks, [], track_references=track_references)
+        fast = serving_mode == "fast" and serving.fast_path_problem() is None
+        serving_info = {"mode": "fast" if fast else "trio", "workers": workers if fast else 1}
         ops.add_control_files(
             control_files(
                 region=region,
@@ -72,6 +75,7 @@ def run(
                 mountpoint=mountpoint,
                 log_path=log_path,
                 stale=stale,
+                serving=lambda: {**serving_info, "pid": os.getpid()},
             )  # fmt: skip
         )
         try:
@@ -82,7 +86,14 @@ def run(
         _close_ready(ready_fd)
         log.info("serving %s at %s (pid %d)", image, mountpoint, os.getpid())
         try:
-            used = serving.serve(serving_mode, ops.release_replied)
+            used = serving.serve(
+                serving_mode,
+                ops.release_replied,
+                workers=workers,
+                initialized=lambda: ops.initialized,
+                become=registry.set_column,
+                mountpoint=mountpoint,
+            )
             log.info("served with the %s loop", used)
         finally:
             pyfuse3.close(unmount=True)
@@ -119,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     # Internal switch for scripts/bench.py: serve without registry bookkeeping to measure its cost.
     parser.add_argument("--no-references", dest="track_references", action="store_false", help=argparse.SUPPRESS)
     parser.add_argument("--serve", choices=("fast", "trio"), default="fast")
+    parser.add_argument("--workers", type=int, default=serving.default_workers())
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
@@ -131,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         log_path=args.log,
         track_references=args.track_references,
         serving_mode=args.serve,
+        workers=args.workers,
     )
 
 

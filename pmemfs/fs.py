@@ -91,6 +91,7 @@ class PmemOperations(pyfuse3.Operations):
         self.sessions = PinSessions(registry, region, badblocks)
         self.data_size = region.data_size
         self.track_references = track_references
+        self.initialized = False
         self._control = {FIRST_CONTROL_FILE_INODE + i: f for i, f in enumerate(control_files)}
         self._control_by_name = {f.name.encode(): inode for inode, f in self._control.items()}
         self._control_by_name[PIN_NAME] = PIN_INODE
@@ -100,6 +101,10 @@ class PmemOperations(pyfuse3.Operations):
         self._mount_ns = time.time_ns()
         # References of reads whose reply still points into the mapping: dropped once it is sent.
         self._replying = registry.in_flight
+
+    def init(self) -> None:
+        # pyfuse3 calls this while it answers FUSE_INIT; serving processes fork only after it.
+        self.initialized = True
 
     def add_control_files(self, control_files: Sequence[ControlFile]) -> None:
         first = FIRST_CONTROL_FILE_INODE + len(self._control)

@@ -10,8 +10,12 @@ pmem.
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import logging
+import os
 import signal
+import struct
 import sys
 import types
 from collections.abc import Callable
@@ -26,6 +30,7 @@ log = logging.getLogger("pmemfs")
 PYFUSE3_VERSION = "3.5.0"
 BACKEND_SLOT = "trio"
 TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+MAX_WORKERS = 13  # the registry has 14 counter columns; the parent has column 0
 
 
 def fast_path_problem() -> str | None:
@@ -76,9 +81,11 @@ class BlockingBackend:
 
     ClosedResourceError = _Closed
 
-    def __init__(self, before_read: Callable[[], None]) -> None:
+    def __init__(self, before_read: Callable[[], None], stop: Callable[[], bool] = lambda: False) -> None:
         self.before_read = before_read
+        self.stop = stop
         self.terminating = False
+        self.session_fd = -1
         self.lowlevel = self
         self.from_thread = self
         self.Lock = _Lock
@@ -91,8 +98,9 @@ class BlockingBackend:
         return types.SimpleNamespace(name="pmemfs-serving")
 
     async def wait_readable(self, fd: int) -> None:
+        self.session_fd = fd
         self.before_read()
-        if self.terminating:
+        if self.terminating or self.stop():
             raise _Closed
 
     def notify_closing(self, fd: int) -> None:
@@ -108,16 +116,19 @@ def _run_to_completion(coroutine: Any) -> None:
     raise RuntimeError("a request handler suspended: the blocking loop cannot serve it")
 
 
-def serve_blocking(before_read: Callable[[], None]) -> None:
-    """Serve the mounted session in this process with the blocking loop until it ends."""
-    backend = BlockingBackend(before_read)
+def serve_blocking(
+    before_read: Callable[[], None], *, stop: Callable[[], bool] = lambda: False, handle_signals: bool = True
+) -> BlockingBackend:
+    """Serve the mounted session in this process with the blocking loop until it ends, or until
+    ``stop()`` says so before the next read."""
+    backend = BlockingBackend(before_read, stop)
 
     def terminate(signum: int, frame: object) -> None:
         log.info("got %s, unmounting", signal.Signals(signum).name)
         pyfuse3.terminate()
 
-    previous = {sig: signal.signal(sig, terminate) for sig in TERMINATING_SIGNALS}
-    for sig in TERMINATING_SIGNALS:
+    previous = {sig: signal.signal(sig, terminate) for sig in TERMINATING_SIGNALS} if handle_signals else {}
+    for sig in previous:
         # Let a signal interrupt the blocking read of /dev/fuse, so the loop sees it at once.
         signal.siginterrupt(sig, True)
     setattr(pyfuse3, BACKEND_SLOT, backend)
@@ -127,6 +138,113 @@ def serve_blocking(before_read: Callable[[], None]) -> None:
         setattr(pyfuse3, BACKEND_SLOT, trio)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    return backend
+
+
+# Worker processes. FUSE_INIT is answered before any fork (forking first made most requests fail
+# with EIO); each worker then reads its own clone of the session's /dev/fuse fd, so the kernel
+# fails a dead worker's pending requests instead of leaving them hanging. Only the parent
+# unmounts and handles signals.
+FUSE_DEV_IOC_CLONE = 0x8004E500  # _IOR(229, 0, uint32_t)
+PR_SET_PDEATHSIG = 1
+POLL_S = 0.05
+
+
+def default_workers() -> int:
+    """What measured fastest: one serving process per CPU (the parent only supervises)."""
+    return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
+
+
+def _clone_session_fd(session_fd: int) -> None:
+    """Make ``session_fd`` in this process a clone of the session's device fd (same connection)."""
+    clone = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    fcntl.ioctl(clone, FUSE_DEV_IOC_CLONE, struct.pack("I", session_fd))
+    os.dup2(clone, session_fd)
+    os.close(clone)
+
+
+def _worker_main(column: int, session_fd: int, before_read: Callable[[], None], become: Callable[[int], None]) -> None:
+    code = 1
+    try:
+        signal.set_wakeup_fd(-1)
+        for sig in TERMINATING_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        # A worker must not outlive its parent: nobody would unmount or mark the image clean.
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        _clone_session_fd(session_fd)
+        become(column)
+        serve_blocking(before_read, handle_signals=False)
+        code = 0
+    except BaseException:
+        log.exception("serving process %d failed", column)
+    finally:
+        logging.shutdown()
+        os._exit(code)
+
+
+def serve_workers(
+    nworkers: int,
+    *,
+    before_read: Callable[[], None],
+    initialized: Callable[[], bool],
+    become: Callable[[int], None],
+    mountpoint: str,
+) -> None:
+    """Answer FUSE_INIT here, then serve from ``nworkers`` forked processes until unmounted.
+
+    ``become(column)`` runs in each worker before it serves (it switches the registry to its own
+    column). A worker that dies takes the mount down cleanly: lazy unmount, the others finish
+    what they hold, the parent reaps them all.
+    """
+    backend = serve_blocking(before_read, stop=initialized, handle_signals=False)
+    if not initialized():
+        return  # unmounted before FUSE_INIT finished
+    workers = {}
+    for column in range(1, nworkers + 1):
+        pid = os.fork()
+        if pid == 0:
+            _worker_main(column, backend.session_fd, before_read, become)
+        workers[pid] = column
+    log.info("serving from %d worker processes: %s", nworkers, sorted(workers))
+    trio.run(_supervise, workers, mountpoint)
+
+
+async def _supervise(workers: dict[int, int], mountpoint: str) -> None:
+    going_down = False
+
+    async def go_down(why: str) -> None:
+        nonlocal going_down
+        if not going_down:
+            going_down = True
+            log.info("%s: unmounting", why)
+            # Lazy: open files keep being served by the workers left until they are closed.
+            await trio.run_process(["fusermount3", "-u", "-z", mountpoint], check=False, capture_stderr=True)
+
+    async with trio.open_nursery() as nursery:
+
+        async def on_signals() -> None:
+            with trio.open_signal_receiver(*TERMINATING_SIGNALS) as signals:
+                async for signum in signals:
+                    await go_down(f"got {signal.Signals(signum).name}")
+
+        nursery.start_soon(on_signals)
+        while workers:
+            await trio.sleep(POLL_S)
+            for pid, column in list(workers.items()):
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if not done:
+                    continue
+                del workers[pid]
+                if status:
+                    log.error("serving process %d (pid %d) died: %s", column, pid, _describe(status))
+                    await go_down("a serving process died")
+        nursery.cancel_scope.cancel()
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit status {os.WEXITSTATUS(status)}"
 
 
 class _ReplyHook(trio.abc.Instrument):
@@ -162,14 +280,25 @@ async def _terminate_on_signal() -> None:
             return
 
 
-def serve(mode: str, before_read: Callable[[], None]) -> str:
-    """Serve with ``mode`` ("fast" or "trio"); fall back to trio if the fast path is unavailable.
-
-    Returns the mode actually used.
-    """
+def serve(
+    mode: str,
+    before_read: Callable[[], None],
+    *,
+    workers: int = 1,
+    initialized: Callable[[], bool] = lambda: True,
+    become: Callable[[int], None] = lambda column: None,
+    mountpoint: str = "",
+) -> str:
+    """Serve with ``mode`` ("fast" or "trio"), from ``workers`` processes on the fast path; fall
+    back to the trio loop in this process if the fast path is unavailable. Returns what was used."""
     if mode == "fast":
         problem = fast_path_problem()
         if problem is None:
+            if workers > 1:
+                serve_workers(
+                    workers, before_read=before_read, initialized=initialized, become=become, mountpoint=mountpoint
+                )
+                return f"fast ({workers} workers)"
             serve_blocking(before_read)
             return "fast"
         log.warning("the fast data path is unavailable (%s): serving with the trio loop instead", problem)
