@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -202,6 +203,14 @@ def cmd_pages(args: argparse.Namespace) -> str | None:
 
 
 def cmd_trace(args: argparse.Namespace) -> str | None:
+    with contextlib.ExitStack() as stack:
+        if args.io:
+            # I/O transfers are traced only while someone asks: this session, until we exit.
+            stack.enter_context(client.PinSession(args.mountpoint)).trace_io(True)
+        return _print_trace(args)
+
+
+def _print_trace(args: argparse.Namespace) -> str | None:
     # Each line starts with "<serving process>:<sequence>", unique while it stays in the ring.
     printed: set[str] = set()
     while True:
@@ -334,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     trace = commands.add_parser("trace", help="recent page registry events")
     trace.add_argument("mountpoint")
     trace.add_argument("--follow", action="store_true", help="keep printing new events")
+    trace.add_argument(
+        "--io", action="store_true", help="also trace every I/O transfer while this runs (with --follow)"
+    )
     trace.set_defaults(func=cmd_trace)
     return parser
 

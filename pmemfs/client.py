@@ -228,6 +228,9 @@ class PinSession:
     def clear_errors(self) -> None:
         self._command("clear-errors", "clear-errors")
 
+    def trace_io(self, on: bool) -> None:
+        self._command(f"trace-io {'on' if on else 'off'}", "tracing I/O transfers")
+
     def kill_device(self) -> None:
         self._command("kill", "killing the device reference")
 

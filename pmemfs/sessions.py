@@ -8,6 +8,7 @@ A session is one open file description. The client writes one command per write(
     inject SECTOR COUNT                 poison 512-byte sectors (ndctl inject-error)
     uninject SECTOR COUNT               forget poisoned sectors without touching the data
     clear-errors                        zero every poisoned sector, clearing the poison
+    trace-io on|off                     trace every I/O transfer's get/put/pin/unpin while this session is open
     kill                                kill the device reference (teardown: new pins get ENXIO)
     revive                              revive it
 
@@ -91,6 +92,8 @@ class PinSessions:
             self.registry.trace(verb, session.pid, "pmem0", 0, 0, f"sectors {sector}+{count}")
         elif verb == "clear-errors" and not args:
             self.clear_errors(session)
+        elif verb == "trace-io" and args in (["on"], ["off"]):
+            self.registry.trace_io(session.id, args == ["on"])
         elif verb == "kill" and not args:
             self.registry.kill(session.id)
         elif verb == "revive" and not args:
@@ -155,6 +158,7 @@ class PinSessions:
             )  # fmt: skip
         if self.registry.killed_by(session.id):
             self.registry.revive()
+        self.registry.trace_io(session.id, False)
         self.registry.trace("session", session.pid, "", 0, 0, "closed" + (" (client died)" if gone else ""))
 
 

@@ -39,6 +39,7 @@ DEVICE_ALIVE = 0  # 1 while new pins are allowed (the dev_pagemap reference is l
 DEVICE_KILLER = 1  # the session that killed the device reference, revived when it closes
 BADBLOCKS_GENERATION = 2  # bumped by every change of the badblocks table
 HOLES_GENERATION = 3  # bumped by every hole punched into the data area
+TRACE_IO = 4  # nonzero (the id of the session that asked) while every I/O transfer is traced
 
 HOLDER_SLOTS = 1024  # per column
 HOLDER_DTYPE = np.dtype(

@@ -48,12 +48,14 @@ def test_fio_leaves_every_refcount_at_zero(mount: Mount) -> None:
 
 def test_a_direct_transfer_pins_exactly_its_pages_while_it_runs(mount: Mount) -> None:
     length = 1 << 20  # the largest request FUSE sends (max_pages 256): one transfer
-    with DirectFile(mount.pmem0) as direct:
-        direct.pwrite(os.urandom(length), 64 << 20)
-        direct.pread(length, 64 << 20)
+    with PinSession(mount.mountpoint) as watcher:
+        watcher.trace_io(True)  # as `pmemfs trace --io --follow` does
+        with DirectFile(mount.pmem0) as direct:
+            direct.pwrite(os.urandom(length), 64 << 20)
+            direct.pread(length, 64 << 20)
+        lines = pmemfs("trace", mount.mountpoint).stdout.splitlines()
     my_pid = os.getpid()
     pfn, npages = (64 << 20) // 4096, length // 4096
-    lines = pmemfs("trace", mount.mountpoint).stdout.splitlines()
     # Each transfer: a pin of its pages by this process, then the unpin of the same pages after it.
     for verb in ("pin", "unpin"):
         assert any(re.search(rf" {verb} pid {my_pid} pmem0 pfn {pfn}\+{npages}$", line) for line in lines), verb
@@ -61,6 +63,31 @@ def test_a_direct_transfer_pins_exactly_its_pages_while_it_runs(mount: Mount) ->
     unpins = [i for i, line in enumerate(lines) if re.search(rf" unpin pid {my_pid} pmem0 pfn {pfn}\+{npages}$", line)]
     assert len(pins) == len(unpins) == 2 and all(p < u for p, u in zip(pins, unpins, strict=False))
     assert_balanced(mount)
+
+
+def test_io_transfers_are_traced_only_while_asked(mount: Mount) -> None:
+    probes = iter(range(1000, 2000))
+
+    def io_traced() -> bool:
+        """Read a page never read before and say whether the trace shows it."""
+        pfn = next(probes)
+        with DirectFile(mount.pmem0) as direct:
+            direct.pread(4096, pfn * 4096)
+        return f" pin pid {os.getpid()} pmem0 pfn {pfn}+1" in pmemfs("trace", mount.mountpoint).stdout
+
+    assert not io_traced()
+    with subprocess.Popen(
+        PMEMFS + ["trace", mount.mountpoint, "--io", "--follow"], stdout=subprocess.PIPE, text=True
+    ) as follower:
+        try:
+            wait_for(io_traced, what="I/O tracing to start")
+            assert follower.stdout is not None
+            while f" pin pid {os.getpid()} pmem0" not in follower.stdout.readline():
+                pass
+        finally:
+            follower.send_signal(signal.SIGINT)
+            follower.communicate(timeout=10)
+    wait_for(lambda: not io_traced(), what="I/O tracing to stop with its session")
 
 
 def test_buffered_io_takes_get_page_references(mount: Mount) -> None:
