@@ -96,6 +96,7 @@ class BadBlocks:
 
     @property
     def sector_count(self) -> int:
+        self.changed_or_bad()
         return sum(count for _, count in self.extents)
 
     def _check(self, sector: int, count: int) -> None:
@@ -164,6 +165,7 @@ class BadBlocks:
             self.clear(first, end - first)
 
     def sysfs(self) -> bytes:
+        self.changed_or_bad()  # another serving process may have changed the table
         return "".join(f"{start} {count}\n" for start, count in self.extents).encode()
 
     def store_sysfs(self, text: bytes) -> None:
