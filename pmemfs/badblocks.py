@@ -161,6 +161,7 @@ class BadBlocks:
     def clear_whole_sectors(self, offset: int, length: int) -> None:
         """Forget the bad sectors that lie whole inside a byte range (it has just been zeroed)."""
         first, end = -(-offset // SECTOR_SIZE), (offset + length) // SECTOR_SIZE
+        self.changed_or_bad()
         if end > first and self.overlapping(first, end - first):
             self.clear(first, end - first)
 

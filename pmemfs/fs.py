@@ -60,14 +60,22 @@ class OpenFile:
 
     @classmethod
     def from_fh(cls, fh: int) -> OpenFile:
-        inode, direct, pid = fh & 0xFF, bool(fh >> 8 & 1), fh >> 32
+        inode, direct, pid = fh & 0xFF, bool(fh >> 8 & 1), fh >> 42
         session = Session(fh, pid) if inode == PIN_INODE else None
         return cls(inode, direct, pid, FILE_CODES.get(inode, 0), session)
 
+    @staticmethod
+    def snapshot_slot(fh: int) -> int | None:
+        """The shared snapshot slot of a control handle, if it got one."""
+        slot = fh >> 13 & 0x1FF
+        return slot - 1 if slot else None
 
-def make_fh(inode: int, direct: bool, column: int, serial: int, pid: int) -> int:
-    """inode (8 bits) | direct (1) | serving column (4) | serial (19) | pid (32)."""
-    return inode | direct << 8 | column << 9 | (serial & 0x7FFFF) << 13 | pid << 32
+
+def make_fh(inode: int, direct: bool, column: int, slot: int | None, serial: int, pid: int) -> int:
+    """inode (8 bits) | direct (1) | serving column (4) | snapshot slot + 1 (9) | serial (20) | pid (22,
+    the kernel's pid_max limit)."""
+    slot_bits = 0 if slot is None else slot + 1
+    return inode | direct << 8 | column << 9 | slot_bits << 13 | (serial & 0xFFFFF) << 22 | pid << 42
 
 
 class PmemOperations(pyfuse3.Operations):
@@ -128,9 +136,24 @@ class PmemOperations(pyfuse3.Operations):
             handle = self._open[fh] = OpenFile.from_fh(fh)
         return handle
 
-    def _new_fh(self, inode: int, direct: bool, pid: int) -> int:
+    def _new_fh(self, inode: int, direct: bool, pid: int, *, slot: int | None = None) -> int:
         self._serial += 1
-        return make_fh(inode, direct, self.registry.column, self._serial, pid)
+        return make_fh(inode, direct, self.registry.column, slot, self._serial, pid)
+
+    def _new_control_fh(self, inode: int, pid: int) -> int:
+        shared = self.registry.shared
+        slot = shared.take_snapshot_slot(self.registry.column)
+        fh = self._new_fh(inode, True, pid, slot=slot)
+        if slot is not None:
+            shared.store_snapshot(slot, fh, b"")  # taken from now on, not at its first read
+        return fh
+
+    def _keep_snapshot(self, fh: int, handle: OpenFile, data: bytes) -> None:
+        """Remember what a control read showed, here and for the other serving processes."""
+        handle.snapshot = data
+        slot = OpenFile.snapshot_slot(fh)
+        if slot is not None:
+            self.registry.shared.store_snapshot(slot, fh, data)
 
     def release_replied(self) -> None:
         """Drop the references of read replies that have gone out (the transfer is over)."""
@@ -219,15 +242,15 @@ class PmemOperations(pyfuse3.Operations):
             # keep_cache=False: each buffered open sees what O_DIRECT writers stored meanwhile.
             return pyfuse3.FileInfo(fh=self._new_fh(inode, direct, ctx.pid), direct_io=direct, keep_cache=False)
         if inode == PIN_INODE:
-            fh = self._new_fh(inode, True, ctx.pid)
+            fh = self._new_control_fh(inode, ctx.pid)
             self.sessions.open(self._handle(fh).session)  # type: ignore[arg-type]
             return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
         if inode in self._control:
             control = self._control[inode]
             if flags & os.O_ACCMODE != os.O_RDONLY and control.store is None:
                 raise pyfuse3.FUSEError(errno.EACCES)
-            fh = self._new_fh(inode, True, ctx.pid)
-            self._handle(fh).snapshot = control.render()
+            fh = self._new_control_fh(inode, ctx.pid)
+            self._keep_snapshot(fh, self._handle(fh), control.render())
             return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
         raise pyfuse3.FUSEError(errno.EISDIR if inode in (pyfuse3.ROOT_INODE, CONTROL_DIR_INODE) else errno.ENOENT)
 
@@ -245,10 +268,19 @@ class PmemOperations(pyfuse3.Operations):
             self._count(ERRORS)
             raise pyfuse3.FUSEError(errno.EINVAL)
 
-    def _snapshot(self, handle: OpenFile, off: int) -> bytes:
-        """A control file's content for a read: rendered at offset 0, or when this serving process
-        has not seen the handle before (its open went to another one)."""
-        if handle.snapshot is None or off == 0:
+    def _snapshot(self, fh: int, handle: OpenFile, off: int) -> bytes:
+        """A control file's content for a read. A control file shows what it held at open; a pin
+        session lists its pins afresh at every read at offset 0. Later reads of either continue
+        the same snapshot, whichever serving process rendered it."""
+        if handle.session is not None and off == 0:
+            self._keep_snapshot(fh, handle, self.sessions.listing(handle.session))
+        slot = OpenFile.snapshot_slot(fh)
+        if slot is not None:
+            shared = self.registry.shared.load_snapshot(slot, fh)
+            if shared is not None:
+                return shared
+        if handle.snapshot is None or handle.session is not None:
+            # No shared slot: render anew (a session's listing only changes by its own commands).
             if handle.session is not None:
                 handle.snapshot = self.sessions.listing(handle.session)
             else:
@@ -261,7 +293,7 @@ class PmemOperations(pyfuse3.Operations):
             self.release_replied()
         handle = self._open.get(fh) or self._handle(fh)
         if not handle.file_code:
-            return self._snapshot(handle, off)[off : off + size]
+            return self._snapshot(fh, handle, off)[off : off + size]
         self._check_transfer(handle, off, size)
         if off >= self.data_size or size == 0:
             return b""
@@ -344,5 +376,8 @@ class PmemOperations(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         self.release_replied()
         handle = self._open.pop(fh, None) or OpenFile.from_fh(fh)
+        slot = OpenFile.snapshot_slot(fh)
+        if slot is not None:
+            self.registry.shared.free_snapshot(slot, fh)
         if handle.session is not None:
             self.sessions.close(handle.session)

@@ -137,6 +137,7 @@ class PinSessions:
 
     def clear_errors(self, session: Session) -> None:
         """Like ndctl clear-errors: write zeros over every bad sector, which clears its poison."""
+        self.badblocks.changed_or_bad()  # pick up what other serving processes injected
         for sector, count in list(self.badblocks.extents):
             offset, length = sector * SECTOR_SIZE, count * SECTOR_SIZE
             self.zero(session, offset, length)

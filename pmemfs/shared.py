@@ -56,6 +56,11 @@ HOLDER_DTYPE = np.dtype(
         ("since_ns", "<u8"),
     ]
 )
+# What a control file or pin session showed at its open (or its last read at offset 0), for the
+# serving process that gets the next read of it. Slots are taken by column, freed by anyone.
+SNAPSHOT_SLOTS = 32  # per column; only the pages a snapshot fills are ever touched
+SNAPSHOT_BYTES = 1 << 20
+
 TRACE_EVENTS = 4096  # per column
 TRACE_NOTE = 48
 TRACE_DTYPE = np.dtype(
@@ -84,6 +89,8 @@ class SharedState:
             ("trace_heads", NCOLUMNS * 8),
             ("holders", NCOLUMNS * HOLDER_SLOTS * HOLDER_DTYPE.itemsize),
             ("trace", NCOLUMNS * TRACE_EVENTS * TRACE_DTYPE.itemsize),
+            ("snapshot_heads", NCOLUMNS * SNAPSHOT_SLOTS * 2 * 8),
+            ("snapshots", NCOLUMNS * SNAPSHOT_SLOTS * SNAPSHOT_BYTES),
         ]
         self._mapping = mmap.mmap(-1, sum(size for _, size in sizes), flags=mmap.MAP_SHARED)
         offset = 0
@@ -100,6 +107,9 @@ class SharedState:
         self.trace = np.frombuffer(views["trace"], dtype=TRACE_DTYPE).reshape(NCOLUMNS, TRACE_EVENTS)
         # Byte views for the hot paths: a memoryview item costs a tenth of a numpy scalar.
         self.trace_bytes = views["trace"]
+        # [slot] = (owner handle, length); 0 = free
+        self.snapshot_heads = np.frombuffer(views["snapshot_heads"], dtype=np.int64).reshape(-1, 2)
+        self.snapshots = views["snapshots"]
         self.flags[DEVICE_ALIVE] = 1
 
     def counter_row(self, column: int) -> memoryview:
@@ -111,3 +121,26 @@ class SharedState:
     def counter_totals(self) -> dict[str, int]:
         totals = self.counters.sum(axis=0)
         return {name: int(totals[i]) for i, name in enumerate(COUNTERS)}
+
+    # Snapshots.
+    def take_snapshot_slot(self, column: int) -> int | None:
+        first = column * SNAPSHOT_SLOTS
+        free = np.flatnonzero(self.snapshot_heads[first : first + SNAPSHOT_SLOTS, 0] == 0)
+        return first + int(free[0]) if len(free) else None
+
+    def store_snapshot(self, slot: int, owner: int, data: bytes) -> bool:
+        if len(data) > SNAPSHOT_BYTES:
+            return False
+        self.snapshots[slot * SNAPSHOT_BYTES : slot * SNAPSHOT_BYTES + len(data)] = data
+        self.snapshot_heads[slot] = (owner, len(data))
+        return True
+
+    def load_snapshot(self, slot: int, owner: int) -> bytes | None:
+        stored_owner, length = (int(v) for v in self.snapshot_heads[slot])
+        if stored_owner != owner:
+            return None
+        return bytes(self.snapshots[slot * SNAPSHOT_BYTES : slot * SNAPSHOT_BYTES + length])
+
+    def free_snapshot(self, slot: int, owner: int) -> None:
+        if self.snapshot_heads[slot, 0] == owner:
+            self.snapshot_heads[slot] = (0, 0)
