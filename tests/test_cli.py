@@ -115,3 +115,19 @@ def test_wrong_file_size_is_refused(tmp_path) -> None:  # type: ignore[no-untype
     os.truncate(path, 80 << 20)
     result = pmemfs("info", path, check=False)
     assert result.returncode == 1 and "image_size" in result.stderr
+
+
+def test_check_flags_and_repairs_badblocks_outside_the_data_area(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from pmemfs.infoblock import Header
+
+    path = create_image(tmp_path / "x.img", "64M")
+    with open(path, "r+b") as f:
+        header = Header.unpack(f.read(4096))
+        f.seek(0)
+        f.write(header.replace(badblocks=((8, 2), (10**9, 4))).pack())
+    assert "sectors 1000000000-1000000003" in pmemfs("info", path).stdout
+    result = pmemfs("check", path, check=False)
+    assert result.returncode == 1 and "outside the data area" in result.stdout
+    assert "FIXED" in pmemfs("check", path, "--repair").stdout
+    assert "sectors 8-9\n" in pmemfs("info", path).stdout + "\n"
+    assert "1000000000" not in pmemfs("info", path).stdout
