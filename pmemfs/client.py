@@ -180,7 +180,7 @@ def _cleanup_dead_mount(mountpoint: str) -> None:
     subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True)
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
@@ -344,7 +344,7 @@ def unmount(mountpoint: str, *, timeout_s: float = 30.0) -> str:
         raise MountError(f"cannot unmount {mountpoint}: {result.stderr.strip()} (is a file on it still open?)")
     pid = int(status["pid"])
     deadline = time.monotonic() + timeout_s
-    while _process_alive(pid):
+    while process_alive(pid):
         if time.monotonic() > deadline:
             raise PmemfsError(
                 f"daemon {pid} did not exit within {timeout_s:.0f} s after unmount; see {status.get('log')}"

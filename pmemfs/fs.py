@@ -22,7 +22,7 @@ from .infoblock import PAGE_SIZE, SECTOR_SIZE
 from .pages import FILES, PageRegistry
 from .region import Region
 from .sessions import PinSessions, Session
-from .shared import COUNTER
+from .shared import COUNTER, IO_COUNTERS
 
 PMEM0_INODE = pyfuse3.ROOT_INODE + 1
 DAX0_INODE = PMEM0_INODE + 1
@@ -38,7 +38,6 @@ ATTR_TIMEOUT_S = 3600.0
 OPEN_CACHE_LIMIT = 4096
 
 
-IO_COUNTERS = ("reads", "writes", "read_bytes", "write_bytes", "direct_reads", "direct_writes", "fsyncs", "errors")
 READS, WRITES, READ_BYTES, WRITE_BYTES, DIRECT_READS, DIRECT_WRITES, FSYNCS, ERRORS = (COUNTER[n] for n in IO_COUNTERS)
 
 

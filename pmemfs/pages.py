@@ -26,6 +26,7 @@ from .shared import (
     DEVICE_KILLER,
     HOLDER_SLOTS,
     NCOLUMNS,
+    REGISTRY_COUNTERS,
     TRACE_DTYPE,
     TRACE_EVENTS,
     TRACE_IO,
@@ -145,14 +146,6 @@ class Event(NamedTuple):
         )
 
 
-REGISTRY_COUNTERS = (
-    "nr_foll_pin_acquired",
-    "nr_foll_pin_released",
-    "nr_get_page",
-    "nr_put_page",
-    "nr_unbalanced",
-    "nr_refused",
-)
 NR_PIN_ACQUIRED, NR_PIN_RELEASED, NR_GET_PAGE, NR_PUT_PAGE, NR_UNBALANCED, NR_REFUSED = (
     COUNTER[n] for n in REGISTRY_COUNTERS
 )

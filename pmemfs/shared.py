@@ -13,24 +13,17 @@ import mmap
 import numpy as np
 
 NCOLUMNS = 14  # serving processes that can write at once (column 0 is the parent)
-COUNTERS = (
-    # the registry's, named as /proc/vmstat names them where it has them
+# The registry's counters, named as /proc/vmstat names them where it has them, then the I/O path's.
+REGISTRY_COUNTERS = (
     "nr_foll_pin_acquired",
     "nr_foll_pin_released",
     "nr_get_page",
     "nr_put_page",
     "nr_unbalanced",
     "nr_refused",
-    # the I/O path's
-    "reads",
-    "writes",
-    "read_bytes",
-    "write_bytes",
-    "direct_reads",
-    "direct_writes",
-    "fsyncs",
-    "errors",
 )
+IO_COUNTERS = ("reads", "writes", "read_bytes", "write_bytes", "direct_reads", "direct_writes", "fsyncs", "errors")
+COUNTERS = REGISTRY_COUNTERS + IO_COUNTERS
 COUNTER = {name: i for i, name in enumerate(COUNTERS)}
 COUNTER_SLOTS = 16
 

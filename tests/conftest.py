@@ -16,6 +16,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from pmemfs.client import process_alive  # noqa: F401  (re-exported for the tests)
+
 PMEMFS = [sys.executable, "-m", "pmemfs"]
 PAGE = 4096
 
@@ -47,14 +49,6 @@ def fuse_mounts_under(prefix: str) -> list[str]:
             for line in mounts
             if line.split()[2].startswith("fuse") and line.split()[1].startswith(prefix)
         ]
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def wait_for(predicate, timeout_s: float = 10.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
