@@ -143,6 +143,7 @@ def cmd_status(args: argparse.Namespace) -> str | None:
                 f"align {format_size(status['align'])}",
                 f"  blockdev: {status['blockdev'] or '-'}   allocated: {status['allocated_bytes']} bytes   "
                 f"badblock_count: {status['badblock_count']}",
+                f"  serving: {status['serving']['mode']} loop, {status['serving']['workers']} process(es)",
                 f"  mounts {status['mounts']}, unclean shutdowns {status['unclean_shutdowns']}, "
                 f"this start after a{'n unclean' if status['previous_shutdown'] == 'unclean' else ' clean'} shutdown",
                 "  reads {reads} ({read_bytes} B, {direct_reads} direct), writes {writes} ({write_bytes} B, "
