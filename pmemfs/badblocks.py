@@ -33,8 +33,11 @@ class BadBlockStore(Protocol):
     def load(self) -> tuple[Extent, ...]: ...
     def save(self, extents: tuple[Extent, ...]) -> None: ...
     def locked(self) -> contextlib.AbstractContextManager[None]: ...
-    def generation(self) -> int: ...
-    def bump_generation(self) -> None: ...
+
+    @property
+    def generation(self) -> tuple[memoryview, int]:
+        """A shared cell that every change bumps, as (cells, index): the I/O path reads it directly."""
+        ...
 
 
 class MemoryStore:
@@ -43,7 +46,7 @@ class MemoryStore:
     def __init__(self, extents: tuple[Extent, ...] = ()) -> None:
         self.extents = extents
         self.saved: list[tuple[Extent, ...]] = []
-        self._generation = 0
+        self.generation = (memoryview(bytearray(8)).cast("q"), 0)
 
     def load(self) -> tuple[Extent, ...]:
         return self.extents
@@ -55,27 +58,22 @@ class MemoryStore:
     def locked(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
 
-    def generation(self) -> int:
-        return self._generation
-
-    def bump_generation(self) -> None:
-        self._generation += 1
-
 
 class BadBlocks:
     def __init__(self, nsectors: int, store: BadBlockStore) -> None:
         self.nsectors = nsectors
         self.store = store
+        self._cells, self._index = store.generation
         self._reload()
 
     def _reload(self) -> None:
-        self._seen = self.store.generation()
+        self._seen = self._cells[self._index]
         self.extents = _merged(self.store.load())
         self._starts = [start for start, _ in self.extents]
 
     def changed_or_bad(self) -> bool:
         """The I/O path's test: True when some sector is bad (after picking up another process's change)."""
-        if self.store.generation() != self._seen:
+        if self._cells[self._index] != self._seen:
             self._reload()
         return bool(self.extents)
 
@@ -91,7 +89,7 @@ class BadBlocks:
                 if len(merged) > BADBLOCKS_MAX:
                     raise NoSpace(f"the badblocks table is full ({BADBLOCKS_MAX} extents)")
                 self.store.save(tuple(merged))
-                self.store.bump_generation()
+                self._cells[self._index] += 1
             self._reload()
 
     @property

@@ -329,8 +329,6 @@ class ImageBadBlockStore:
         finally:
             fcntl.lockf(self.region.fd, fcntl.LOCK_UN, PAGE_SIZE, HEADER_OFFSET)
 
-    def generation(self) -> int:
-        return self.region._cells[BADBLOCKS_GENERATION]
-
-    def bump_generation(self) -> None:
-        self.region._cells[BADBLOCKS_GENERATION] += 1
+    @property
+    def generation(self) -> tuple[memoryview, int]:
+        return self.region._cells, BADBLOCKS_GENERATION
