@@ -182,8 +182,9 @@ class PageRegistry:
         assert len(self.shared.backed) >= chunks_for(self.npfns)
         self._flags = self.shared.flag_cells()
         self.set_column(column)
-        # Transfers under way in this process (direct-I/O reads whose reply is being sent), as plain
-        # Holder tuples: the I/O path makes one per request, and a tuple costs a fifth of a NamedTuple.
+        # Transfers under way in this process (reads whose reply is being sent), as the tuples
+        # begin_transfer returns: the I/O path makes one per request, and a tuple costs a fifth of
+        # a NamedTuple.
         self.in_flight: list[tuple] = []
 
     def set_column(self, column: int) -> None:
@@ -320,7 +321,10 @@ class PageRegistry:
             for r in self._holder_rows(session)
         ]
         if session is None:
-            found += [Holder._make(t) for t in self.in_flight]
+            found += [
+                Holder(0, pid, FILES[file], pfn, npages, Kind.PIN if pin else Kind.GET, since)
+                for pin, pid, file, pfn, npages, since in self.in_flight
+            ]
         return sorted(found, key=lambda h: (h.pfn, h.id))
 
     def holders_of(self, pfn: int, npages: int = 1) -> list[Holder]:
@@ -408,36 +412,37 @@ class PageRegistry:
         ]  # fmt: skip
         return sorted(events, key=lambda e: (e.time_ns, e.column, e.seq))
 
-    # The I/O path: one call to start a transfer's reference, one to end it, plain tuples in between.
-    # The 4k case (one page, records already backed) is inlined: it is most requests.
+    # The I/O path: one call to start a transfer's reference, one to end it, and in between a
+    # plain tuple (pin, pid, file code, pfn, npages, since_ns). The one-page case with its records
+    # already backed (most 4k transfers) touches nothing but memoryview items.
     def begin_transfer(self, pin: bool, pid: int, file: int, pfn: int, npages: int) -> tuple:
-        traced = self._flags[TRACE_IO]
-        now = time.time_ns() if traced else 0
-        ctr = self.counter_row
+        flags, ctr = self._flags, self.counter_row
         if pin:
-            if not self._flags[DEVICE_ALIVE]:
+            if not flags[DEVICE_ALIVE]:
                 ctr[NR_REFUSED] += 1
                 raise DeviceGone("the device is being torn down: no new pins")
             ctr[NR_PIN_ACQUIRED] += npages
-            delta, kind, what = GUP_PIN_COUNTING_BIAS, Kind.PIN, WHAT_PIN
+            delta = GUP_PIN_COUNTING_BIAS
         else:
             ctr[NR_GET_PAGE] += npages
-            delta, kind, what = 1, Kind.GET, WHAT_GET
+            delta = 1
         if npages == 1 and self._backed_bytes[pfn // CHUNK_PAGES]:
             self._words[pfn * 16 + self._own_word] += delta
         else:
             self._add(pfn, npages, delta)
-        if traced:
-            self._record(now, what, pid, file, pfn, npages)
-        return (0, pid, FILES[file], pfn, npages, kind, now)
+        if flags[TRACE_IO]:
+            now = time.time_ns()
+            self._record(now, WHAT_PIN if pin else WHAT_GET, pid, file, pfn, npages)
+            return (pin, pid, file, pfn, npages, now)
+        return (pin, pid, file, pfn, npages, 0)
 
     def end_transfer(self, transfer: tuple) -> None:
-        _, pid, file, pfn, npages, kind, _ = transfer
-        if kind is Kind.PIN:
-            delta, what = GUP_PIN_COUNTING_BIAS, WHAT_UNPIN
+        pin, pid, file, pfn, npages, _ = transfer
+        if pin:
+            delta = GUP_PIN_COUNTING_BIAS
             self.counter_row[NR_PIN_RELEASED] += npages
         else:
-            delta, what = 1, WHAT_PUT
+            delta = 1
             self.counter_row[NR_PUT_PAGE] += npages
         index = pfn * 16 + self._own_word
         if npages == 1 and self._words[index] >= delta:
@@ -445,7 +450,7 @@ class PageRegistry:
         else:
             self._sub(pfn, npages, delta)
         if self._flags[TRACE_IO]:
-            self._record(time.time_ns(), what, pid, FILES.index(file), pfn, npages)
+            self._record(time.time_ns(), WHAT_UNPIN if pin else WHAT_PUT, pid, file, pfn, npages)
 
     # Reset after a daemon that died.
     def stale_ranges(self, previous_epoch: int, pfn_extents: list[tuple[int, int]]) -> list[dict[str, int]]:
