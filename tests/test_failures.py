@@ -33,7 +33,7 @@ def test_mounting_twice_at_one_place_is_refused(mount, tmp_path) -> None:  # typ
 def small_fs(tmp_path):  # type: ignore[no-untyped-def]
     """A 40 MiB tmpfs: room for only part of a 64 MiB image's data."""
     if os.getuid() != 0:
-        pytest.skip("needs root to mount a size-limited tmpfs")
+        pytest.skip(reason="needs root to mount a size-limited tmpfs")
     where = tmp_path / "small"
     where.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40M", "tmpfs", str(where)], check=True)

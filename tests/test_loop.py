@@ -11,7 +11,7 @@ from conftest import create_image, mounted, pmemfs
 
 pytestmark = [
     pytest.mark.usefixtures("serving_mode"),
-    pytest.mark.skipif(
+    pytest.mark.skipif(  # reason: losetup needs root and /dev/loop-control
         not os.path.exists("/dev/loop-control") or os.getuid() != 0,
         reason="needs root and /dev/loop-control for losetup",
     ),

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import threading
-import time
 
 import pytest
 from conftest import DirectFile, fuse_mounts_under, mounted, pmemfs, process_alive, wait_for
@@ -57,6 +56,7 @@ def test_pins_taken_in_one_worker_are_dropped_by_another(image: str, tmp_path) -
 def test_kill_9_of_a_worker_fails_or_completes_requests_and_loses_no_acknowledged_write(image: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
     mountpoint = str(tmp_path / "mnt")
     acknowledged: dict[int, bytes] = {}
+    attempts = [0]
     stop = threading.Event()
 
     def writer(mount_pmem0: str) -> None:
@@ -64,6 +64,7 @@ def test_kill_9_of_a_worker_fails_or_completes_requests_and_loses_no_acknowledge
             block = 0
             while not stop.is_set() and block < 4096:
                 data = os.urandom(4096)
+                attempts[0] += 1
                 try:
                     direct.pwrite(data, block * 4096)
                 except OSError:
@@ -87,7 +88,9 @@ def test_kill_9_of_a_worker_fails_or_completes_requests_and_loses_no_acknowledge
         try:
             wait_for(lambda: len(acknowledged) > 50, what="writes to be acknowledged")
             os.kill(workers[0], signal.SIGKILL)
-            time.sleep(0.5)  # let clients run into the dead worker
+            after_kill = attempts[0]
+            # Let the writer run into the dead worker (and past it) before it stops.
+            wait_for(lambda: attempts[0] >= after_kill + 20 or not thread.is_alive(), what="writes after the kill")
         finally:
             stop.set()
             thread.join(timeout=60)
