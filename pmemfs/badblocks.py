@@ -14,7 +14,7 @@ import errno
 from collections.abc import Iterator
 from typing import Protocol
 
-from .errors import InvalidRange, NoSpace, PmemfsError
+from .errors import CorruptImage, InvalidRange, NoSpace, PmemfsError
 from .infoblock import BADBLOCKS_MAX, SECTOR_SIZE
 
 
@@ -25,6 +25,7 @@ class MediaError(PmemfsError):
 
 
 Extent = tuple[int, int]  # (first sector, sector count)
+RELOAD_ATTEMPTS = 5
 
 
 class BadBlockStore(Protocol):
@@ -68,7 +69,15 @@ class BadBlocks:
 
     def _reload(self) -> None:
         self._seen = self._cells[self._index]
-        self.extents = _merged(self.store.load())
+        for attempt in range(RELOAD_ATTEMPTS):
+            try:
+                extents = self.store.load()
+                break
+            except CorruptImage:
+                # Another serving process is rewriting the header right now: read it again.
+                if attempt == RELOAD_ATTEMPTS - 1:
+                    raise
+        self.extents = _merged(extents)
         self._starts = [start for start, _ in self.extents]
 
     def changed_or_bad(self) -> bool:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import logging
 import os
 import stat
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pyfuse3
 
@@ -23,6 +24,8 @@ from .pages import FILES, PageRegistry
 from .region import Region
 from .sessions import PinSessions, Session
 from .shared import COUNTER, IO_COUNTERS
+
+log = logging.getLogger("pmemfs")
 
 PMEM0_INODE = pyfuse3.ROOT_INODE + 1
 DAX0_INODE = PMEM0_INODE + 1
@@ -59,7 +62,7 @@ class OpenFile:
 
     @classmethod
     def from_fh(cls, fh: int) -> OpenFile:
-        inode, direct, pid = fh & 0xFF, bool(fh >> 8 & 1), fh >> 42
+        inode, direct, pid = fh & 0xFF, bool(fh >> 8 & 1), fh >> 41
         session = Session(fh, pid) if inode == PIN_INODE else None
         return cls(inode, direct, pid, FILE_CODES.get(inode, 0), session)
 
@@ -71,10 +74,10 @@ class OpenFile:
 
 
 def make_fh(inode: int, direct: bool, column: int, slot: int | None, serial: int, pid: int) -> int:
-    """inode (8 bits) | direct (1) | serving column (4) | snapshot slot + 1 (9) | serial (20) | pid (22,
-    the kernel's pid_max limit)."""
+    """inode (8 bits) | direct (1) | serving column (4) | snapshot slot + 1 (9) | serial (19) | pid (22,
+    the kernel's pid_max limit). Bit 63 stays clear: handles are stored in signed 64-bit shared cells."""
     slot_bits = 0 if slot is None else slot + 1
-    return inode | direct << 8 | column << 9 | slot_bits << 13 | (serial & 0xFFFFF) << 22 | pid << 42
+    return inode | direct << 8 | column << 9 | slot_bits << 13 | (serial & 0x7FFFF) << 22 | pid << 41
 
 
 class PmemOperations(pyfuse3.Operations):
@@ -249,7 +252,7 @@ class PmemOperations(pyfuse3.Operations):
             if flags & os.O_ACCMODE != os.O_RDONLY and control.store is None:
                 raise pyfuse3.FUSEError(errno.EACCES)
             fh = self._new_control_fh(inode, ctx.pid)
-            self._keep_snapshot(fh, self._handle(fh), control.render())
+            self._keep_snapshot(fh, self._handle(fh), self._render(control.render))
             return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
         raise pyfuse3.FUSEError(errno.EISDIR if inode in (pyfuse3.ROOT_INODE, CONTROL_DIR_INODE) else errno.ENOENT)
 
@@ -272,7 +275,7 @@ class PmemOperations(pyfuse3.Operations):
         session lists its pins afresh at every read at offset 0. Later reads of either continue
         the same snapshot, whichever serving process rendered it."""
         if handle.session is not None and off == 0:
-            self._keep_snapshot(fh, handle, self.sessions.listing(handle.session))
+            self._keep_snapshot(fh, handle, self._render(lambda: self.sessions.listing(handle.session)))  # type: ignore[arg-type]
         slot = OpenFile.snapshot_slot(fh)
         if slot is not None:
             shared = self.registry.shared.load_snapshot(slot, fh)
@@ -281,10 +284,20 @@ class PmemOperations(pyfuse3.Operations):
         if handle.snapshot is None or handle.session is not None:
             # No shared slot: render anew (a session's listing only changes by its own commands).
             if handle.session is not None:
-                handle.snapshot = self.sessions.listing(handle.session)
+                handle.snapshot = self._render(lambda: self.sessions.listing(handle.session))  # type: ignore[arg-type]
             else:
-                handle.snapshot = self._control[handle.inode].render()
+                handle.snapshot = self._render(self._control[handle.inode].render)
         return handle.snapshot
+
+    @staticmethod
+    def _render(render: Callable[[], bytes]) -> bytes:
+        """A control file's content, or EIO: a failing render must not take a serving process down
+        (pyfuse3 lets anything but FUSEError out of its loop)."""
+        try:
+            return render()
+        except Exception:
+            log.exception("rendering a control file failed")
+            raise pyfuse3.FUSEError(errno.EIO) from None
 
     # pyfuse3 replies with any contiguous buffer, so a view of the mapping saves a copy.
     async def read(self, fh: int, off: int, size: int) -> memoryview | bytes:  # type: ignore[override]

@@ -336,8 +336,9 @@ class PageRegistry:
         return bool(self._flags[DEVICE_ALIVE])
 
     def kill(self, session: int = 0) -> None:
-        self._flags[DEVICE_ALIVE] = 0
+        # The killer first: a process that sees the reference dead must find who killed it.
         self._flags[DEVICE_KILLER] = session
+        self._flags[DEVICE_ALIVE] = 0
         self.trace("teardown", 0, "", 0, 0, "device reference killed: new pins fail with ENXIO")
 
     def revive(self) -> None:
@@ -403,8 +404,10 @@ class PageRegistry:
         self.shared.trace_heads[self.column] = seq
 
     def events(self) -> list[Event]:
-        rows = self.shared.trace[self.shared.trace["seq"] > 0]
-        columns = np.nonzero(self.shared.trace["seq"] > 0)[0]
+        # One copy of the rings: other processes go on writing them while we read.
+        ring = self.shared.trace.copy()
+        written = ring["seq"] > 0
+        rows, columns = ring[written], np.nonzero(written)[0]
         events = [
             Event(int(c), int(r["seq"]), int(r["time_ns"]), WHATS[r["what"]], int(r["pid"]), FILES[r["file"]],
                   int(r["pfn"]), int(r["npages"]), r["note"].decode(errors="replace"))

@@ -10,6 +10,7 @@ pmem.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import logging
@@ -163,14 +164,24 @@ def _clone_session_fd(session_fd: int) -> None:
     os.close(clone)
 
 
-def _worker_main(column: int, session_fd: int, before_read: Callable[[], None], become: Callable[[int], None]) -> None:
+def _worker_main(
+    column: int,
+    session_fd: int,
+    before_read: Callable[[], None],
+    become: Callable[[int], None],
+    parent: int,
+    signal_mask: set[int | signal.Signals],
+) -> None:
     code = 1
     try:
         signal.set_wakeup_fd(-1)
         for sig in TERMINATING_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_SETMASK, signal_mask)
         # A worker must not outlive its parent: nobody would unmount or mark the image clean.
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            return  # the parent died before PDEATHSIG was armed
         _clone_session_fd(session_fd)
         become(column)
         serve_blocking(before_read, handle_signals=False)
@@ -196,38 +207,58 @@ def serve_workers(
     column). A worker that dies takes the mount down cleanly: lazy unmount, the others finish
     what they hold, the parent reaps them all.
     """
-    backend = serve_blocking(before_read, stop=initialized, handle_signals=False)
-    if not initialized():
-        return  # unmounted before FUSE_INIT finished
-    workers = {}
-    for column in range(1, nworkers + 1):
-        pid = os.fork()
-        if pid == 0:
-            _worker_main(column, backend.session_fd, before_read, become)
-        workers[pid] = column
-    log.info("serving from %d worker processes: %s", nworkers, sorted(workers))
-    trio.run(_supervise, workers, mountpoint)
+    nworkers = min(nworkers, MAX_WORKERS)
+    # Until trio listens, a signal must wait rather than kill the parent half-way (a dead mount,
+    # a dirty image): block them, and let each worker and then the supervisor unblock them.
+    signal_mask = signal.pthread_sigmask(signal.SIG_BLOCK, TERMINATING_SIGNALS)
+    workers: dict[int, int] = {}
+    try:
+        backend = serve_blocking(before_read, stop=initialized, handle_signals=False)
+        if not initialized():
+            return  # unmounted before FUSE_INIT finished
+        parent = os.getpid()
+        for column in range(1, nworkers + 1):
+            pid = os.fork()
+            if pid == 0:
+                _worker_main(column, backend.session_fd, before_read, become, parent, signal_mask)
+            workers[pid] = column
+        log.info("serving from %d worker processes: %s", nworkers, sorted(workers))
+        trio.run(_supervise, workers, mountpoint, signal_mask)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, signal_mask)
+        # Whatever went wrong here, no worker may go on serving an image about to be closed.
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
 
 
-async def _supervise(workers: dict[int, int], mountpoint: str) -> None:
+async def _supervise(workers: dict[int, int], mountpoint: str, signal_mask: set[int | signal.Signals]) -> None:
     going_down = False
 
     async def go_down(why: str) -> None:
         nonlocal going_down
-        if not going_down:
+        if going_down:
+            return
+        log.info("%s: unmounting", why)
+        # Lazy: open files keep being served by the workers left until they are closed.
+        result = await trio.run_process(["fusermount3", "-u", "-z", mountpoint], check=False, capture_stderr=True)
+        if result.returncode == 0:
             going_down = True
-            log.info("%s: unmounting", why)
-            # Lazy: open files keep being served by the workers left until they are closed.
-            await trio.run_process(["fusermount3", "-u", "-z", mountpoint], check=False, capture_stderr=True)
+        else:
+            log.error("fusermount3 -u -z %s failed: %s", mountpoint, result.stderr.decode(errors="replace").strip())
 
     async with trio.open_nursery() as nursery:
 
-        async def on_signals() -> None:
+        async def on_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
             with trio.open_signal_receiver(*TERMINATING_SIGNALS) as signals:
+                task_status.started()
                 async for signum in signals:
                     await go_down(f"got {signal.Signals(signum).name}")
 
-        nursery.start_soon(on_signals)
+        await nursery.start(on_signals)
+        signal.pthread_sigmask(signal.SIG_SETMASK, signal_mask)  # trio listens now
         while workers:
             await trio.sleep(POLL_S)
             for pid, column in list(workers.items()):

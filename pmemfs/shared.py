@@ -121,12 +121,12 @@ class SharedState:
         free = np.flatnonzero(self.snapshot_heads[first : first + SNAPSHOT_SLOTS, 0] == 0)
         return first + int(free[0]) if len(free) else None
 
-    def store_snapshot(self, slot: int, owner: int, data: bytes) -> bool:
+    def store_snapshot(self, slot: int, owner: int, data: bytes) -> None:
         if len(data) > SNAPSHOT_BYTES:
-            return False
+            marker = b"\n[truncated: the snapshot is larger than 1 MiB]\n"
+            data = data[: SNAPSHOT_BYTES - len(marker)] + marker
         self.snapshots[slot * SNAPSHOT_BYTES : slot * SNAPSHOT_BYTES + len(data)] = data
         self.snapshot_heads[slot] = (owner, len(data))
-        return True
 
     def load_snapshot(self, slot: int, owner: int) -> bytes | None:
         stored_owner, length = (int(v) for v in self.snapshot_heads[slot])
