@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 from .control import loop_devices_for
 from .errors import MountError, PmemfsError
@@ -23,6 +24,19 @@ MOUNT_TIMEOUT_S = 15.0
 POLL_INTERVAL_S = 0.02
 # What the kernel answers on a FUSE mount whose daemon is gone (newer kernels say ECONNABORTED).
 DEAD_MOUNT_ERRNOS = (errno.ENOTCONN, errno.ECONNABORTED)
+
+
+def poll_until(predicate: Callable[[], bool], timeout_s: float, interval_s: float = POLL_INTERVAL_S) -> bool:
+    """Call ``predicate`` until it is true (return True) or ``timeout_s`` has passed (return False).
+
+    Every wait of the client is one of these: nothing in a daemon ever waits for a client.
+    """
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval_s)
+    return True
 
 
 def default_log_path(mountpoint: str) -> str:
@@ -135,16 +149,15 @@ def wait_until_answering(
     mountpoint: str, daemon: subprocess.Popen | None = None, timeout_s: float = MOUNT_TIMEOUT_S
 ) -> None:
     """Poll until the mount's status file can be read (FUSE_INIT done), or the daemon exits."""
-    deadline = time.monotonic() + timeout_s
     status = os.path.join(mountpoint, ".pmemfs", "status")
-    while True:
-        if os.path.exists(status):
-            return
-        if daemon is not None and daemon.poll() is not None:
-            raise MountError(f"the daemon exited with status {daemon.returncode} before the mount answered")
-        if time.monotonic() > deadline:
-            raise MountError(f"{mountpoint} did not answer within {timeout_s:.0f} s")
-        time.sleep(POLL_INTERVAL_S)
+
+    def daemon_exited() -> bool:
+        return daemon is not None and daemon.poll() is not None
+
+    if not poll_until(lambda: os.path.exists(status) or daemon_exited(), timeout_s):
+        raise MountError(f"{mountpoint} did not answer within {timeout_s:.0f} s")
+    if not os.path.exists(status):
+        raise MountError(f"the daemon exited with status {daemon.returncode} before the mount answered")  # type: ignore[union-attr]
 
 
 def attach_loop(mountpoint: str) -> str:
@@ -272,21 +285,22 @@ def first_busy(mountpoint: str, offset: int, length: int) -> tuple[int, list[dic
 
 def zero(mountpoint: str, offset: int, length: int, *, timeout_s: float = 30.0) -> None:
     """Bulk-zero a range, waiting (polling, like dax_layout_busy_page) while pages in it are referenced."""
-    deadline = time.monotonic() + timeout_s
     with PinSession(mountpoint) as session:
-        while True:
+
+        def zeroed() -> bool:
             try:
                 session.zero(offset, length)
-                return
             except PmemfsError as err:
                 if err.errno != errno.EBUSY:
                     raise
-            if time.monotonic() > deadline:
-                busy = first_busy(mountpoint, offset, length)
-                where = f"page {busy[0]} (offset {busy[0] * 4096})" if busy else "a page"
-                holders = "; ".join(describe_holder(h) for h in busy[1]) if busy else "holder unknown"
-                raise PmemfsError(f"zero {offset}+{length}: {where} stayed busy for {timeout_s:g} s: {holders}")
-            time.sleep(POLL_INTERVAL_S * 5)
+                return False
+            return True
+
+        if not poll_until(zeroed, timeout_s, POLL_INTERVAL_S * 5):
+            busy = first_busy(mountpoint, offset, length)
+            where = f"page {busy[0]} (offset {busy[0] * 4096})" if busy else "a page"
+            holders = "; ".join(describe_holder(h) for h in busy[1]) if busy else "holder unknown"
+            raise PmemfsError(f"zero {offset}+{length}: {where} stayed busy for {timeout_s:g} s: {holders}")
 
 
 PIN_ERRORS = {
@@ -301,14 +315,9 @@ PIN_ERRORS = {
 def drain_references(mountpoint: str, session: PinSession, timeout_s: float) -> list[dict[str, object]]:
     """Kill the device reference and wait for every page reference to go; return the holders left."""
     session.kill_device()
-    deadline = time.monotonic() + timeout_s
-    while True:
-        registry = read_status(mountpoint)["registry"]
-        if registry["referenced_pages"] == 0:
-            return []
-        if time.monotonic() > deadline:
-            return read_pages(mountpoint)["holders"]
-        time.sleep(POLL_INTERVAL_S * 5)
+    if poll_until(lambda: read_status(mountpoint)["registry"]["referenced_pages"] == 0, timeout_s, POLL_INTERVAL_S * 5):
+        return []
+    return read_pages(mountpoint)["holders"]
 
 
 def describe_holder(holder: dict) -> str:
@@ -343,11 +352,6 @@ def unmount(mountpoint: str, *, timeout_s: float = 30.0) -> str:
     if result.returncode != 0:
         raise MountError(f"cannot unmount {mountpoint}: {result.stderr.strip()} (is a file on it still open?)")
     pid = int(status["pid"])
-    deadline = time.monotonic() + timeout_s
-    while process_alive(pid):
-        if time.monotonic() > deadline:
-            raise PmemfsError(
-                f"daemon {pid} did not exit within {timeout_s:.0f} s after unmount; see {status.get('log')}"
-            )
-        time.sleep(POLL_INTERVAL_S)
+    if not poll_until(lambda: not process_alive(pid), timeout_s):
+        raise PmemfsError(f"daemon {pid} did not exit within {timeout_s:.0f} s after unmount; see {status.get('log')}")
     return f"unmounted {mountpoint}"

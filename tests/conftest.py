@@ -11,12 +11,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 
 import pytest
 
-from pmemfs.client import process_alive  # noqa: F401  (re-exported for the tests)
+from pmemfs.client import poll_until, process_alive  # noqa: F401  (process_alive is re-exported for the tests)
 
 PMEMFS = [sys.executable, "-m", "pmemfs"]
 PAGE = 4096
@@ -52,11 +51,8 @@ def fuse_mounts_under(prefix: str) -> list[str]:
 
 
 def wait_for(predicate, timeout_s: float = 10.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.01)
+    if not poll_until(predicate, timeout_s, interval_s=0.01):
+        raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 @dataclasses.dataclass
