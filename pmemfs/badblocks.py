@@ -10,19 +10,11 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import errno
 from collections.abc import Iterator
 from typing import Protocol
 
-from .errors import CorruptImage, InvalidRange, NoSpace, PmemfsError
+from .errors import CorruptImage, InvalidRange, MediaError, NoSpace
 from .infoblock import BADBLOCKS_MAX, SECTOR_SIZE
-
-
-class MediaError(PmemfsError):
-    """Raised by a read of a poisoned sector, or a write that covers one only in part: EIO."""
-
-    errno = errno.EIO
-
 
 Extent = tuple[int, int]  # (first sector, sector count)
 RELOAD_ATTEMPTS = 5

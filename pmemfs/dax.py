@@ -24,9 +24,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from .badblocks import MediaError
 from .client import PinSession, read_badblocks, read_status
-from .errors import InvalidRange, NoSpace, PmemfsError
+from .errors import InvalidRange, MediaError, NoSpace, PmemfsError
 from .infoblock import PAGE_SIZE, SECTOR_SIZE
 
 

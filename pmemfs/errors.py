@@ -58,3 +58,39 @@ class InvalidRange(PmemfsError):
 
 class MountError(PmemfsError):
     """Raised by mount/umount when the mountpoint or the daemon is not in the expected state."""
+
+
+class DeviceGone(PmemfsError):
+    """Raised by a new reference after the device reference was killed (teardown under way): ENXIO."""
+
+    errno = _errno.ENXIO
+
+
+class LongtermNotSupported(PmemfsError):
+    """Raised for a long-term pin of an fsdax view: EOPNOTSUPP, as FOLL_LONGTERM on fsdax in Linux."""
+
+    errno = _errno.EOPNOTSUPP
+
+
+class UnbalancedPut(PmemfsError):
+    """Raised when a put or unpin would drive a page's refcount below zero; nothing is changed."""
+
+    errno = _errno.EINVAL
+
+
+class MediaError(PmemfsError):
+    """Raised by a read of a poisoned sector, or a write that covers one only in part: EIO."""
+
+    errno = _errno.EIO
+
+
+class SessionCommandError(PmemfsError):
+    """Raised for a pin-session command that is not one pmemfs knows, or whose arguments are wrong."""
+
+    errno = _errno.EINVAL
+
+
+class PageBusy(PmemfsError):
+    """Raised by an operation that needs idle pages while one of them is referenced: EBUSY."""
+
+    errno = _errno.EBUSY

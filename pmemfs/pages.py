@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .errors import PmemfsError
+from .errors import DeviceGone, PmemfsError, UnbalancedPut
 from .shared import (
     COUNTER,
     DEVICE_ALIVE,
@@ -70,28 +70,6 @@ class Kind(enum.Enum):
     @property
     def code(self) -> int:
         return KIND_CODES[self]
-
-    @property
-    def delta(self) -> int:
-        return 1 if self is Kind.GET else GUP_PIN_COUNTING_BIAS
-
-
-class DeviceGone(PmemfsError):
-    """Raised by a new reference after the device reference was killed (teardown under way): ENXIO."""
-
-    errno = errno.ENXIO
-
-
-class LongtermNotSupported(PmemfsError):
-    """Raised for a long-term pin of an fsdax view: EOPNOTSUPP, as FOLL_LONGTERM on fsdax in Linux."""
-
-    errno = errno.EOPNOTSUPP
-
-
-class UnbalancedPut(PmemfsError):
-    """Raised when a put or unpin would drive a page's refcount below zero; nothing is changed."""
-
-    errno = errno.EINVAL
 
 
 class Holder(NamedTuple):

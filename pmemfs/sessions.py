@@ -20,13 +20,12 @@ reference that this session killed.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import os
 
 from .badblocks import BadBlocks
-from .errors import InvalidRange, PmemfsError
+from .errors import InvalidRange, LongtermNotSupported, PageBusy, PmemfsError, SessionCommandError
 from .infoblock import PAGE_SIZE, SECTOR_SIZE
-from .pages import Holder, Kind, LongtermNotSupported, PageRegistry
+from .pages import Holder, Kind, PageRegistry
 from .region import Region
 
 # Which views allow FOLL_LONGTERM: devdax does, fsdax does not (Linux refuses it on fsdax).
@@ -40,16 +39,6 @@ class Session:
 
     id: int
     pid: int
-
-
-class SessionCommandError(PmemfsError):
-    errno = errno.EINVAL
-
-
-class PageBusy(PmemfsError):
-    """Raised by an operation that needs idle pages while one of them is referenced: EBUSY."""
-
-    errno = errno.EBUSY
 
 
 class PinSessions:

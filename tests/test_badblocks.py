@@ -14,9 +14,9 @@ import textwrap
 import pytest
 from conftest import DirectFile, Mount, mounted, pmemfs, process_alive, wait_for
 
-from pmemfs.badblocks import BadBlocks, MediaError, MemoryStore
+from pmemfs.badblocks import BadBlocks, MemoryStore
 from pmemfs.dax import open_dax
-from pmemfs.errors import InvalidRange, NoSpace
+from pmemfs.errors import InvalidRange, MediaError, NoSpace
 from pmemfs.infoblock import BADBLOCKS_MAX
 
 # Unit tests of the table.

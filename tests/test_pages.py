@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from conftest import create_image
 
+from pmemfs.errors import DeviceGone, UnbalancedPut
 from pmemfs.memmap import memmap_span, open_registry
-from pmemfs.pages import GUP_PIN_COUNTING_BIAS, RECORD_DTYPE, DeviceGone, Kind, PageRegistry, UnbalancedPut
+from pmemfs.pages import GUP_PIN_COUNTING_BIAS, RECORD_DTYPE, Kind, PageRegistry
 from pmemfs.region import Region
 
 
