@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import mmap
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -18,6 +20,16 @@ from pmemfs.region import Region
 def registry() -> PageRegistry:
     shared = mmap.mmap(-1, 100_000 * RECORD_DTYPE.itemsize, flags=mmap.MAP_SHARED)
     return PageRegistry(np.frombuffer(shared, dtype=RECORD_DTYPE), epoch=7)
+
+
+@contextlib.contextmanager
+def open_region(path: str) -> Iterator[Region]:
+    """The image as a daemon holds it; closed without marking it clean, as a daemon that dies."""
+    region = Region.open(path)
+    try:
+        yield region
+    finally:
+        region.close(clean=False)
 
 
 def test_get_put_pin_unpin_bias(registry: PageRegistry) -> None:
@@ -113,39 +125,31 @@ def test_pin_and_unpin_of_one_gib_are_single_operations(registry: PageRegistry) 
 
 
 def test_map_dev_records_live_in_the_image_carve_out(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    region = Region.open(create_image(tmp_path / "x.img", "64M"))
-    try:
+    with open_region(create_image(tmp_path / "x.img", "64M")) as region:
         registry, stale = open_registry(region, previous_epoch=0, epoch=1)
         assert stale == []
         registry.pin_user_pages(3)
         start, _ = memmap_span(region)
         record = np.frombuffer(bytes(region.image[start + 3 * 64 : start + 4 * 64]), dtype=RECORD_DTYPE)[0]
         assert record["epoch"] == 1 and record["refs"].sum() == GUP_PIN_COUNTING_BIAS
-    finally:
-        region.close(clean=False)
 
 
 def test_map_mem_records_stay_out_of_the_image(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    region = Region.open(create_image(tmp_path / "x.img", "64M", "--map", "mem"))
-    try:
+    with open_region(create_image(tmp_path / "x.img", "64M", "--map", "mem")) as region:
         before = bytes(region.image[: region.geometry.dataoff])
         registry, _ = open_registry(region, previous_epoch=0, epoch=1)
         registry.pin_user_pages(0, 100)
         assert bytes(region.image[: region.geometry.dataoff]) == before
-    finally:
-        region.close(clean=False)
 
 
 def test_stale_references_of_a_dead_daemon_are_reported_and_reset_in_bulk(tmp_path) -> None:  # type: ignore[no-untyped-def]
     path = create_image(tmp_path / "x.img", "256M")
-    region = Region.open(path)
-    registry, _ = open_registry(region, previous_epoch=0, epoch=1)
-    registry.pin_user_pages(10, 20)
-    registry.get_page(40000, 3)
-    region.close(clean=False)  # the daemon "dies": nothing resets the records
+    with open_region(path) as region:  # the daemon "dies": nothing resets the records
+        registry, _ = open_registry(region, previous_epoch=0, epoch=1)
+        registry.pin_user_pages(10, 20)
+        registry.get_page(40000, 3)
 
-    region = Region.open(path)
-    try:
+    with open_region(path) as region:
         start, end = memmap_span(region)
         assert region.extents(start, end)
         registry, stale = open_registry(region, previous_epoch=1, epoch=2)
@@ -156,19 +160,13 @@ def test_stale_references_of_a_dead_daemon_are_reported_and_reset_in_bulk(tmp_pa
         assert region.extents(start, end) == []  # punched back to a hole
         assert registry.referenced_ranges() == []
         assert any(e.what == "reset" for e in registry.events())
-    finally:
-        region.close(clean=False)
 
 
 def test_records_of_another_epoch_are_ignored(tmp_path) -> None:  # type: ignore[no-untyped-def]
     path = create_image(tmp_path / "x.img", "64M")
-    region = Region.open(path)
-    registry, _ = open_registry(region, previous_epoch=0, epoch=5)
-    registry.pin_user_pages(1)
-    region.close(clean=False)
-    region = Region.open(path)
-    try:
+    with open_region(path) as region:
+        registry, _ = open_registry(region, previous_epoch=0, epoch=5)
+        registry.pin_user_pages(1)
+    with open_region(path) as region:
         _, stale = open_registry(region, previous_epoch=6, epoch=7)
         assert stale == []
-    finally:
-        region.close(clean=False)
