@@ -38,6 +38,7 @@ def run(
     track_references: bool = True,
     serving_mode: str = "fast",
     workers: int = 1,
+    spin_us: int = serving.DEFAULT_SPIN_US,
 ) -> int:
     """Serve IMAGE at MOUNTPOINT until unmounted; return the process exit code.
 
@@ -65,7 +66,11 @@ def run(
         badblocks = BadBlocks(region.data_size // SECTOR_SIZE, region.badblock_store())
         ops = PmemOperations(region, registry, badblocks, [], track_references=track_references)
         fast = serving_mode == "fast" and serving.fast_path_problem() is None
-        serving_info = {"mode": "fast" if fast else "trio", "workers": workers if fast else 1}
+        serving_info = {
+            "mode": "fast" if fast else "trio",
+            "workers": workers if fast else 1,
+            "spin_us": spin_us if fast else 0,
+        }
         ops.add_control_files(
             control_files(
                 region=region,
@@ -93,6 +98,7 @@ def run(
                 initialized=lambda: ops.initialized,
                 become=registry.set_column,
                 mountpoint=mountpoint,
+                spin_us=spin_us,
             )
             log.info("served with the %s loop", used)
         finally:
@@ -131,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-references", dest="track_references", action="store_false", help=argparse.SUPPRESS)
     parser.add_argument("--serve", choices=("fast", "trio"), default="fast")
     parser.add_argument("--workers", type=int, default=serving.default_workers())
+    parser.add_argument("--spin-us", type=int, default=serving.DEFAULT_SPIN_US)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
@@ -144,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         track_references=args.track_references,
         serving_mode=args.serve,
         workers=args.workers,
+        spin_us=args.spin_us,
     )
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 
-from conftest import DirectFile, pmemfs
+import pytest
+from conftest import DirectFile, children_of, pmemfs
 
 from pmemfs.client import wait_until_answering
 
@@ -53,3 +56,38 @@ def test_fast_loop_is_the_default(image: str, tmp_path) -> None:  # type: ignore
     finally:
         pmemfs("umount", mountpoint)
     assert "served with the fast" in log.read_text()
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def test_an_idle_daemon_stops_polling(image: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    mountpoint = str(tmp_path / "mnt")
+    os.mkdir(mountpoint)
+    pmemfs("mount", image, mountpoint, "--serve", "fast", "--spin-us", "1000")
+    try:
+        status = json.loads(pmemfs("status", mountpoint, "--json").stdout)
+        assert status["serving"]["spin_us"] == 1000
+        daemon = status["pid"]
+        serving = [daemon, *children_of(daemon)]
+        with DirectFile(os.path.join(mountpoint, "pmem0")) as direct:
+            for block in range(500):  # one at a time: the spinning worker polls after each reply
+                direct.pread(4096, block * 4096)
+        time.sleep(0.2)
+        before = cpu_seconds(serving)
+        time.sleep(1)
+        assert cpu_seconds(serving) - before < 0.1
+    finally:
+        pmemfs("umount", mountpoint)
+
+
+@pytest.mark.parametrize("bad", ["-1", "10001", "x"])
+def test_spin_us_out_of_range_is_a_usage_error(image: str, tmp_path, bad: str) -> None:  # type: ignore[no-untyped-def]
+    result = pmemfs("mount", image, str(tmp_path), "--spin-us", bad, check=False)
+    assert result.returncode == 2 and "--spin-us" in result.stderr

@@ -8,23 +8,9 @@ import subprocess
 import threading
 
 import pytest
-from conftest import DirectFile, fuse_mounts_under, mounted, pmemfs, process_alive, wait_for
+from conftest import DirectFile, children_of, fuse_mounts_under, mounted, pmemfs, process_alive, wait_for
 
 from pmemfs.serving import default_workers
-
-
-def children_of(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid and fields[0] != "Z":
-                found.append(int(entry))
-    return sorted(found)
 
 
 def test_default_is_one_worker_per_cpu(image: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -114,15 +100,20 @@ def mount_answers(mountpoint: str) -> bool:
         return False
 
 
-def test_sigterm_reaps_every_worker_and_marks_clean(image: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_reaps_every_worker_and_marks_clean(image: str, tmp_path, workers: int) -> None:  # type: ignore[no-untyped-def]
     mountpoint = str(tmp_path / "mnt")
-    with mounted(image, mountpoint, "--workers", "2") as mount:
+    with mounted(image, mountpoint, "--workers", str(workers)) as mount:
         daemon = mount.pid
-        workers = children_of(daemon)
-        assert len(workers) == 2
+        serving = children_of(daemon) if workers > 1 else [daemon]
+        assert len(serving) == workers
+        # Requests one at a time, so the signal lands while a serving process polls for the next.
+        with DirectFile(os.path.join(mountpoint, "pmem0")) as direct:
+            for block in range(200):
+                direct.pread(4096, block * 4096)
         os.kill(daemon, signal.SIGTERM)
         wait_for(lambda: not process_alive(daemon), timeout_s=30, what="the daemon to exit")
-    assert not any(process_alive(w) for w in workers)
+    assert not any(process_alive(w) for w in serving)
     assert not fuse_mounts_under(mountpoint)
     assert '"clean": true' in pmemfs("info", image, "--json").stdout
 
