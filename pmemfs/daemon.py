@@ -93,7 +93,8 @@ def run(
         try:
             used = serving.serve(
                 serving_mode,
-                ops.release_replied,
+                # Runs before each read of /dev/fuse: the last reply is out, its transfer is over.
+                registry.end_transfers,
                 workers=workers,
                 initialized=lambda: ops.initialized,
                 become=registry.set_column,

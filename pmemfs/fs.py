@@ -109,8 +109,8 @@ class PmemOperations(pyfuse3.Operations):
         self._open: dict[int, OpenFile] = {}
         self._serial = 0
         self._mount_ns = time.time_ns()
-        # References of reads whose reply still points into the mapping: dropped once it is sent.
-        self._replying = registry.in_flight
+        # References of a read whose reply still points into the mapping: dropped once it is sent.
+        self._in_flight = registry.in_flight
 
     def init(self) -> None:
         # pyfuse3 calls this while it answers FUSE_INIT; serving processes fork only after it.
@@ -156,12 +156,6 @@ class PmemOperations(pyfuse3.Operations):
         slot = OpenFile.snapshot_slot(fh)
         if slot is not None:
             self.registry.shared.store_snapshot(slot, fh, data)
-
-    def release_replied(self) -> None:
-        """Drop the references of read replies that have gone out (the transfer is over)."""
-        replying = self._replying
-        while replying:
-            self.registry.end_transfer(replying.pop())
 
     # Namespace
     def _attributes(self, inode: int) -> pyfuse3.EntryAttributes:
@@ -237,7 +231,7 @@ class PmemOperations(pyfuse3.Operations):
 
     # Files
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        self.release_replied()
+        self.registry.end_transfers()
         if inode in DATA_FILES:
             # O_TRUNC is ignored, as a block device ignores it, so `dd of=pmem0` keeps the media.
             direct = bool(flags & os.O_DIRECT) and inode == PMEM0_INODE
@@ -255,15 +249,6 @@ class PmemOperations(pyfuse3.Operations):
             self._keep_snapshot(fh, self._handle(fh), self._render(control.render))
             return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
         raise pyfuse3.FUSEError(errno.EISDIR if inode in (pyfuse3.ROOT_INODE, CONTROL_DIR_INODE) else errno.ENOENT)
-
-    def _reference(self, handle: OpenFile, off: int, size: int) -> tuple | None:
-        """Take the reference a transfer holds: a pin for direct I/O, get_page for the page cache."""
-        if not self.track_references:
-            return None
-        pfn = off // PAGE_SIZE
-        return self.registry.begin_transfer(
-            handle.direct, handle.pid, handle.file_code, pfn, (off + size - 1) // PAGE_SIZE - pfn + 1
-        )
 
     def _check_transfer(self, handle: OpenFile, off: int, size: int) -> None:
         if handle.direct and (off % SECTOR_SIZE or size % SECTOR_SIZE):
@@ -301,8 +286,8 @@ class PmemOperations(pyfuse3.Operations):
 
     # pyfuse3 replies with any contiguous buffer, so a view of the mapping saves a copy.
     async def read(self, fh: int, off: int, size: int) -> memoryview | bytes:  # type: ignore[override]
-        if self._replying:
-            self.release_replied()
+        if self._in_flight:
+            self.registry.end_transfers()
         handle = self._open.get(fh) or self._handle(fh)
         if not handle.file_code:
             return self._snapshot(fh, handle, off)[off : off + size]
@@ -313,7 +298,10 @@ class PmemOperations(pyfuse3.Operations):
         try:
             if self.badblocks.changed_or_bad():
                 self.badblocks.check_read(off, size)
-            holder = self._reference(handle, off, size)
+            if self.track_references:
+                # The reply is copied out of the mapping after we return: the reference lasts until
+                # the serving loop is about to read the next request (end_transfers).
+                self.registry.begin_transfer(handle.direct, handle.pid, handle.file_code, off, size)
         except PmemfsError as err:
             self._count(ERRORS)
             raise pyfuse3.FUSEError(err.errno) from None
@@ -322,14 +310,11 @@ class PmemOperations(pyfuse3.Operations):
         ctr[READ_BYTES] += size
         if handle.direct:
             ctr[DIRECT_READS] += 1
-        if holder is not None:
-            # The reply is copied out of the mapping after we return: the pin lasts until then.
-            self._replying.append(holder)
         return self.region.read(off, size)
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        if self._replying:
-            self.release_replied()
+        if self._in_flight:
+            self.registry.end_transfers()
         handle = self._open.get(fh) or self._handle(fh)
         if not handle.file_code:
             return self._control_write(handle, buf)
@@ -345,12 +330,14 @@ class PmemOperations(pyfuse3.Operations):
         try:
             if self.badblocks.changed_or_bad():
                 self.badblocks.clear_for_write(off, size)
-            holder = self._reference(handle, off, size)
-            try:
+            if self.track_references:
+                self.registry.begin_transfer(handle.direct, handle.pid, handle.file_code, off, size)
+                try:
+                    self.region.write(off, buf)
+                finally:
+                    self.registry.end_transfers()
+            else:
                 self.region.write(off, buf)
-            finally:
-                if holder is not None:
-                    self.registry.end_transfer(holder)
         except PmemfsError as err:
             self._count(ERRORS)
             raise pyfuse3.FUSEError(err.errno) from None
@@ -386,7 +373,7 @@ class PmemOperations(pyfuse3.Operations):
         pass
 
     async def release(self, fh: int) -> None:
-        self.release_replied()
+        self.registry.end_transfers()
         handle = self._open.pop(fh, None) or OpenFile.from_fh(fh)
         slot = OpenFile.snapshot_slot(fh)
         if slot is not None:

@@ -15,6 +15,8 @@ import numpy as np
 from .errors import CorruptImage, UsageError
 
 PAGE_SIZE = 4096
+PAGE_SHIFT = 12
+assert 1 << PAGE_SHIFT == PAGE_SIZE
 SECTOR_SIZE = 512
 HEADER_OFFSET = 0
 INFOBLOCK_OFFSET = 4096

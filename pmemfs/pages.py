@@ -20,11 +20,15 @@ from typing import NamedTuple
 import numpy as np
 
 from .errors import DeviceGone, PmemfsError, UnbalancedPut
+from .infoblock import PAGE_SHIFT
 from .shared import (
     COUNTER,
     DEVICE_ALIVE,
     DEVICE_KILLER,
+    GATE_DEVICE_DEAD,
+    GATE_TRACING_IO,
     HOLDER_SLOTS,
+    IO_GATE,
     NCOLUMNS,
     REGISTRY_COUNTERS,
     TRACE_DTYPE,
@@ -159,10 +163,10 @@ class PageRegistry:
         self.shared = shared or SharedState(chunks_for(self.npfns))
         assert len(self.shared.backed) >= chunks_for(self.npfns)
         self._flags = self.shared.flag_cells()
+        self._flag_bytes = self.shared.flag_bytes()
         self.set_column(column)
-        # Transfers under way in this process (reads whose reply is being sent), as the tuples
-        # begin_transfer returns: the I/O path makes one per request, and a tuple costs a fifth of
-        # a NamedTuple.
+        # Transfers under way in this process (a read whose reply is being sent, a write being
+        # stored): the I/O path makes one per request, and a tuple costs a fifth of a NamedTuple.
         self.in_flight: list[tuple] = []
 
     def set_column(self, column: int) -> None:
@@ -317,12 +321,14 @@ class PageRegistry:
         # The killer first: a process that sees the reference dead must find who killed it.
         self._flags[DEVICE_KILLER] = session
         self._flags[DEVICE_ALIVE] = 0
+        self._flag_bytes[GATE_DEVICE_DEAD] = 1  # last: a transfer that sees it finds the rest set
         self.trace("teardown", 0, "", 0, 0, "device reference killed: new pins fail with ENXIO")
 
     def revive(self) -> None:
         if not self.alive:
             self._flags[DEVICE_KILLER] = 0
             self._flags[DEVICE_ALIVE] = 1
+            self._flag_bytes[GATE_DEVICE_DEAD] = 0
             self.trace("revive", 0, "", 0, 0, "device reference revived")
 
     def killed_by(self, session: int) -> bool:
@@ -367,8 +373,10 @@ class PageRegistry:
     def trace_io(self, session: int, on: bool) -> None:
         if on:
             self._flags[TRACE_IO] = session
+            self._flag_bytes[GATE_TRACING_IO] = 1
         elif self._flags[TRACE_IO] == session:
             self._flags[TRACE_IO] = 0
+            self._flag_bytes[GATE_TRACING_IO] = 0
 
     def trace(self, what: str, pid: int, file: str, pfn: int, npages: int, note: str = "") -> None:
         self._record(time.time_ns(), WHATS.index(what), pid, FILES.index(file), pfn, npages, note.encode()[:TRACE_NOTE])
@@ -393,45 +401,55 @@ class PageRegistry:
         ]  # fmt: skip
         return sorted(events, key=lambda e: (e.time_ns, e.column, e.seq))
 
-    # The I/O path: one call to start a transfer's reference, one to end it, and in between a
-    # plain tuple (pin, pid, file code, pfn, npages, since_ns). The one-page case with its records
-    # already backed (most 4k transfers) touches nothing but memoryview items.
-    def begin_transfer(self, pin: bool, pid: int, file: int, pfn: int, npages: int) -> tuple:
-        flags, ctr = self._flags, self.counter_row
+    # The I/O path: one call to start a transfer's reference, one to end every transfer under way
+    # (a read's ends once its reply has gone out, a write's once its data is stored). In between,
+    # ``in_flight`` holds plain tuples (pin, pid, file code, pfn, npages, since_ns). The one-page case
+    # with its records already backed (most 4k transfers) touches nothing but memoryview items.
+    def begin_transfer(self, pin: bool, pid: int, file: int, off: int, size: int) -> None:
+        """Reference the pages of bytes [off, off + size): a pin for direct I/O, get_page for the
+        page cache."""
+        pfn = off >> PAGE_SHIFT
+        npages = ((off + size - 1) >> PAGE_SHIFT) - pfn + 1
+        gate = self._flags[IO_GATE]
         if pin:
-            if not flags[DEVICE_ALIVE]:
-                ctr[NR_REFUSED] += 1
+            if gate and not self._flags[DEVICE_ALIVE]:
+                self.counter_row[NR_REFUSED] += 1
                 raise DeviceGone("the device is being torn down: no new pins")
-            ctr[NR_PIN_ACQUIRED] += npages
+            self.counter_row[NR_PIN_ACQUIRED] += npages
             delta = GUP_PIN_COUNTING_BIAS
         else:
-            ctr[NR_GET_PAGE] += npages
+            self.counter_row[NR_GET_PAGE] += npages
             delta = 1
         if npages == 1 and self._backed_bytes[pfn // CHUNK_PAGES]:
             self._words[pfn * 16 + self._own_word] += delta
         else:
             self._add(pfn, npages, delta)
-        if flags[TRACE_IO]:
+        if gate and self._flags[TRACE_IO]:
             now = time.time_ns()
             self._record(now, WHAT_PIN if pin else WHAT_GET, pid, file, pfn, npages)
-            return (pin, pid, file, pfn, npages, now)
-        return (pin, pid, file, pfn, npages, 0)
+            self.in_flight.append((pin, pid, file, pfn, npages, now))
+        else:
+            self.in_flight.append((pin, pid, file, pfn, npages, 0))
 
-    def end_transfer(self, transfer: tuple) -> None:
-        pin, pid, file, pfn, npages, _ = transfer
-        if pin:
-            delta = GUP_PIN_COUNTING_BIAS
-            self.counter_row[NR_PIN_RELEASED] += npages
-        else:
-            delta = 1
-            self.counter_row[NR_PUT_PAGE] += npages
-        index = pfn * 16 + self._own_word
-        if npages == 1 and self._words[index] >= delta:
-            self._words[index] -= delta
-        else:
-            self._sub(pfn, npages, delta)
-        if self._flags[TRACE_IO]:
-            self._record(time.time_ns(), WHAT_UNPIN if pin else WHAT_PUT, pid, file, pfn, npages)
+    def end_transfers(self) -> None:
+        """Drop the references of every transfer begun in this process."""
+        in_flight = self.in_flight
+        while in_flight:
+            pin, pid, file, pfn, npages, _ = in_flight.pop()
+            if pin:
+                delta = GUP_PIN_COUNTING_BIAS
+                self.counter_row[NR_PIN_RELEASED] += npages
+            else:
+                delta = 1
+                self.counter_row[NR_PUT_PAGE] += npages
+            index = pfn * 16 + self._own_word
+            left = self._words[index] - delta
+            if npages == 1 and left >= 0:
+                self._words[index] = left
+            else:
+                self._sub(pfn, npages, delta)
+            if self._flags[IO_GATE] and self._flags[TRACE_IO]:
+                self._record(time.time_ns(), WHAT_UNPIN if pin else WHAT_PUT, pid, file, pfn, npages)
 
     # Reset after a daemon that died.
     def stale_ranges(self, previous_epoch: int, pfn_extents: list[tuple[int, int]]) -> list[dict[str, int]]:

@@ -33,6 +33,12 @@ DEVICE_KILLER = 1  # the session that killed the device reference, revived when 
 BADBLOCKS_GENERATION = 2  # bumped by every change of the badblocks table
 HOLES_GENERATION = 3  # bumped by every hole punched into the data area
 TRACE_IO = 4  # nonzero (the id of the session that asked) while every I/O transfer is traced
+# 0 while the I/O path has nothing to check (device alive, no I/O trace): one read per transfer
+# instead of two. Each condition owns one byte of it, written alone, so that two processes
+# changing different conditions at once cannot undo each other (no read-modify-write).
+IO_GATE = 5
+GATE_DEVICE_DEAD = IO_GATE * 8
+GATE_TRACING_IO = IO_GATE * 8 + 1
 
 HOLDER_SLOTS = 1024  # per column
 HOLDER_DTYPE = np.dtype(
@@ -110,6 +116,9 @@ class SharedState:
 
     def flag_cells(self) -> memoryview:
         return self.flags.data.cast("B").cast("q")
+
+    def flag_bytes(self) -> memoryview:
+        return self.flags.data.cast("B")
 
     def counter_totals(self) -> dict[str, int]:
         totals = self.counters.sum(axis=0)

@@ -11,6 +11,7 @@ table shows the median of the passes:
 - libfuse's C passthrough_hp (built by scripts/build-passthrough-hp, skipped when it cannot be);
 - the host: the image file read directly (the host's disk), and a file on tmpfs (the kernel's
   limit for memory-backed storage).
+A second table gives each FUSE daemon's CPU time per request (all its processes, user + system).
 Then the page registry alone (pin + unpin of ranges) and a 1 TiB image's mount time and daemon
 memory. Not a test: speed is measured here and written down in the README, never asserted.
 """
@@ -110,9 +111,13 @@ class Target:
     offset: int
     size: int
     mmap: Target | None = None
+    # The processes that serve it (a FUSE daemon and its workers), whose CPU time run_fio measures.
+    daemon_pids: Callable[[], list[int]] | None = None
 
     def for_job(self, job: Job) -> Target:
-        return self.mmap if self.mmap and job.engine == "mmap" else self
+        if self.mmap and job.engine == "mmap":
+            return Target(self.mmap.filename, self.mmap.offset, self.mmap.size, None, self.daemon_pids)
+        return self
 
 
 @dataclass(frozen=True)
@@ -150,10 +155,31 @@ def run_fio(target: Target, job: Job, runtime_s: float, where: Placement) -> dic
         f"--runtime={round(runtime_s * 1000)}ms", f"--ramp_time={round(RAMP_S * 1000)}ms",
         "--randrepeat=0", "--norandommap", *job.fio_args(),
     ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, check=True)
-    report = json.loads(result.stdout[result.stdout.index("{") :])["jobs"][0]
+    pids = target.daemon_pids() if target.daemon_pids else []
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as fio:
+        # The daemon's CPU over fio's measured part: from the end of the ramp to fio's exit.
+        time.sleep(RAMP_S)
+        cpu_before = cpu_seconds(pids)
+        stdout, stderr = fio.communicate()
+        daemon_cpu_s = cpu_seconds(pids) - cpu_before
+    if fio.returncode != 0:
+        raise RuntimeError(f"`{shlex.join(command)}` failed: {stderr.strip()}")
+    report = json.loads(stdout[stdout.index("{") :])["jobs"][0]
     side = report["read"] if "read" in job.rw else report["write"]
-    return {"iops": side["iops"], "bw_bytes": side["bw_bytes"], "lat_us": side["lat_ns"]["mean"] / 1000}
+    result = {"iops": side["iops"], "bw_bytes": side["bw_bytes"], "lat_us": side["lat_ns"]["mean"] / 1000}
+    if pids and side["iops"]:
+        result["daemon_us_per_io"] = daemon_cpu_s * 1e6 / (side["iops"] * runtime_s)
+    return result
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system time of these processes (all their threads) so far; a process gone counts 0."""
+    ticks = 0
+    for pid in pids:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def pmemfs(*args: str, prefix: list[str] | None = None) -> str:
@@ -182,7 +208,9 @@ def pmemfs_target(workdir: str, image: str, mount_args: list[str], where: Placem
     try:
         pmem0 = os.path.join(mountpoint, "pmem0")
         size = os.stat(pmem0).st_size
-        yield Target(pmem0, 0, size, Target(os.path.join(mountpoint, "dax0"), 0, size))
+        daemon = int(json.loads(pmemfs("status", mountpoint, "--json"))["pid"])
+        pids = [daemon, *children_of(daemon)]
+        yield Target(pmem0, 0, size, Target(os.path.join(mountpoint, "dax0"), 0, size), lambda: pids)
     finally:
         pmemfs("umount", mountpoint)
 
@@ -196,7 +224,7 @@ def daemon_target(command: list[str], mountpoint: str, filename: str, size: int)
         daemon = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
         try:
             wait_for_mount(daemon, command, mountpoint, os.path.join(mountpoint, filename), stderr)
-            yield Target(os.path.join(mountpoint, filename), 0, size)
+            yield Target(os.path.join(mountpoint, filename), 0, size, daemon_pids=lambda: [daemon.pid])
         finally:
             stop_daemon(daemon, mountpoint)
 
@@ -320,7 +348,10 @@ def run_matrix(all_columns: list[Column], passes: int, runtime_s: float, where: 
                     results.setdefault(job.name, {}).setdefault(column.name, []).append(result)
         print(f"pass {pass_no + 1}/{passes} done ({time.monotonic() - started:.0f} s)", file=sys.stderr)
     return {
-        job: {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in by_column.items()}
+        job: {
+            name: {k: statistics.median(r[k] for r in runs) for k in runs[0] if all(k in r for r in runs)}
+            for name, runs in by_column.items()
+        }
         for job, by_column in results.items()
     }
 
@@ -339,6 +370,20 @@ def print_table(medians: dict, names: list[str]) -> None:
         fast, off = row[pmemfs_names[0]], row.get(REGISTRY_OFF[0])
         cells.append(f"{(1 - fast['iops'] / off['iops']) * 100:+.1f} %" if off else "")
         print("| " + " | ".join(cells) + " |")
+
+
+def print_daemon_cpu(medians: dict, names: list[str]) -> None:
+    """What each FUSE daemon spent per request: where a column's speed goes, without a profiler."""
+    names = [name for name in names if any("daemon_us_per_io" in medians[job.name].get(name, {}) for job in JOBS)]
+    print("\nDaemon CPU per request, µs (user + system time of every daemon process over the measured run)\n")
+    print("| job | " + " | ".join(names) + " |")
+    print("|---" * (len(names) + 1) + "|")
+    for job in JOBS:
+        row = medians[job.name]
+        cells = [
+            f"{row[name]['daemon_us_per_io']:.1f}" if "daemon_us_per_io" in row.get(name, {}) else "" for name in names
+        ]
+        print(f"| {job.name} | " + " | ".join(cells) + " |")
 
 
 def _short(name: str) -> str:
@@ -519,6 +564,7 @@ def main() -> int:
         f"kernel {machine['kernel']}, libfuse {machine['libfuse']}, pyfuse3 {machine['pyfuse3']}; {where.description}\n"
     )
     print_table(medians, [column.name for column in all_columns])
+    print_daemon_cpu(medians, [column.name for column in all_columns])
     print()
     for note in notes:
         print(f"Note: {note}.")
