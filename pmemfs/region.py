@@ -34,6 +34,9 @@ from .shared import BADBLOCKS_GENERATION, HOLES_GENERATION
 # Blocks of the image are allocated this many bytes at a time before the first store into them,
 # so that a full backing filesystem is an ENOSPC for the writer instead of a SIGBUS in the daemon.
 ALLOC_CHUNK = 2 << 20
+# A byte of the image that serves only as the lockf range for changing the holes generation
+# (advisory: nothing is written there for it; the header lock is [0, PAGE_SIZE)).
+HOLES_LOCK_OFFSET = HEADER_OFFSET + PAGE_SIZE
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -232,11 +235,15 @@ class Region:
         if _libc.fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, image_offset, length) != 0:
             err = ctypes.get_errno()
             raise PmemfsError(f"{self.path}: cannot punch a hole: {os.strerror(err)}", errno=err)
-        # Every chunk that now has a hole must be allocated again before the next store into it,
-        # in every serving process.
-        self._allocated[image_offset // ALLOC_CHUNK : (image_offset + length - 1) // ALLOC_CHUNK + 1] = False
-        self._cells[HOLES_GENERATION] += 1
-        self._seen_holes = self._cells[HOLES_GENERATION]
+        # Every serving process, this one too, must allocate again before its next store into the
+        # hole: each sees the generation change at its next write. The increment is a read-modify-
+        # write of a cell that every process may change: under a lock, or two punches at once
+        # could count as one and a process that saw the first would miss the second.
+        fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, HOLES_LOCK_OFFSET)
+        try:
+            self._cells[HOLES_GENERATION] += 1
+        finally:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, HOLES_LOCK_OFFSET)
 
     def extents(self, start: int, end: int) -> list[tuple[int, int]]:
         """The allocated (data) extents of the image within [start, end), from SEEK_DATA/SEEK_HOLE."""

@@ -1,9 +1,11 @@
-"""Unit tests of the page registry: bias arithmetic, ranges, unbalanced puts, where records live, reset."""
+"""Unit tests of the page registry (bias arithmetic, ranges, unbalanced puts, where records live,
+reset) and of the image state that serving processes share with it."""
 
 from __future__ import annotations
 
 import contextlib
 import mmap
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -11,9 +13,11 @@ import pytest
 from conftest import create_image
 
 from pmemfs.errors import DeviceGone, UnbalancedPut
+from pmemfs.infoblock import PAGE_SIZE
 from pmemfs.memmap import memmap_span, open_registry
 from pmemfs.pages import GUP_PIN_COUNTING_BIAS, RECORD_DTYPE, Kind, PageRegistry
 from pmemfs.region import Region
+from pmemfs.shared import HOLES_GENERATION, SharedState
 
 
 @pytest.fixture
@@ -170,3 +174,29 @@ def test_records_of_another_epoch_are_ignored(tmp_path) -> None:  # type: ignore
     with open_region(path) as region:
         _, stale = open_registry(region, previous_epoch=6, epoch=7)
         assert stale == []
+
+
+def test_punches_from_two_processes_at_once_are_each_seen(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The holes generation is a cell every serving process changes: no punch may be lost."""
+    with open_region(create_image(tmp_path / "x.img", "64M")) as region:
+        shared = SharedState()
+        region.share_generations(shared.flag_cells())
+        before = int(shared.flags[HOLES_GENERATION])
+        punches = 300
+        children = []
+        for child in range(2):
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    for _ in range(punches):
+                        region.punch_hole(region.geometry.dataoff + child * PAGE_SIZE, PAGE_SIZE)
+                    code = 0
+                finally:
+                    os._exit(code)
+            children.append(pid)
+        assert all(os.waitpid(pid, 0)[1] == 0 for pid in children)
+        assert int(shared.flags[HOLES_GENERATION]) == before + 2 * punches
+        # This process saw none of them itself: its next store allocates again.
+        region.write(0, b"a" * PAGE_SIZE)
+        assert region.extents(region.geometry.dataoff, region.geometry.dataoff + PAGE_SIZE)
