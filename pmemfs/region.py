@@ -157,6 +157,8 @@ class Region:
         self._data_bytes = self.data.data
         self.data_size = self.geometry.data_size
         self._allocated = np.zeros(-(-info.file_size // ALLOC_CHUNK), dtype=bool)
+        self._allocated_bytes = self._allocated.data  # a memoryview item costs a fifth of numpy's
+        self._dataoff = self.geometry.dataoff
         self.previous_shutdown_clean = info.header.clean
         self.share_generations(memoryview(bytearray(8 * 8)).cast("q"))
 
@@ -220,9 +222,9 @@ class Region:
         if self._cells[HOLES_GENERATION] != self._seen_holes:
             self._seen_holes = self._cells[HOLES_GENERATION]
             self._allocated[:] = False
-        start = self.geometry.dataoff + offset
+        start = self._dataoff + offset
         first, last = start // ALLOC_CHUNK, (start + len(data) - 1) // ALLOC_CHUNK
-        if not self._allocated[first] or (last != first and not self._allocated[first : last + 1].all()):
+        if not self._allocated_bytes[first] or (last != first and not self._allocated[first : last + 1].all()):
             self._allocate(first, last)
         self._data_bytes[offset : offset + len(data)] = data
 
