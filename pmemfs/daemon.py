@@ -13,14 +13,14 @@ import sys
 
 import pyfuse3
 
-from . import serving
+from . import membarrier, serving
 from .badblocks import BadBlocks
 from .control import control_files
 from .errors import PmemfsError
 from .fs import PmemOperations
 from .infoblock import SECTOR_SIZE
 from .memmap import open_registry, reset_records
-from .pages import chunks_for
+from .pages import PageRegistry, chunks_for
 from .region import Region
 from .shared import SharedState
 
@@ -90,6 +90,7 @@ def run(
         mounted = True
         _close_ready(ready_fd)
         log.info("serving %s at %s (pid %d)", image, mountpoint, os.getpid())
+        membarrier.register()
         try:
             used = serving.serve(
                 serving_mode,
@@ -97,7 +98,7 @@ def run(
                 registry.end_transfers,
                 workers=workers,
                 initialized=lambda: ops.initialized,
-                become=registry.set_column,
+                become=lambda column: _become_worker(registry, column),
                 mountpoint=mountpoint,
                 spin_us=spin_us,
             )
@@ -110,6 +111,11 @@ def run(
         return 0
     finally:
         region.close(clean=mounted)
+
+
+def _become_worker(registry: PageRegistry, column: int) -> None:
+    membarrier.register()  # not inherited across fork
+    registry.set_column(column)
 
 
 def _fail_start(ready_fd: int | None, message: str) -> int:

@@ -9,17 +9,19 @@ and a page's refcount is the sum of its row. Every operation works on whole rang
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import itertools
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import numpy as np
 
-from .errors import DeviceGone, PmemfsError, UnbalancedPut
+from . import membarrier
+from .errors import DeviceGone, PageBusy, PmemfsError, UnbalancedPut
 from .infoblock import PAGE_SHIFT
 from .shared import (
     COUNTER,
@@ -27,6 +29,7 @@ from .shared import (
     DEVICE_KILLER,
     GATE_DEVICE_DEAD,
     GATE_TRACING_IO,
+    GATE_ZEROING,
     HOLDER_SLOTS,
     IO_GATE,
     NCOLUMNS,
@@ -35,10 +38,17 @@ from .shared import (
     TRACE_EVENTS,
     TRACE_IO,
     TRACE_NOTE,
+    ZEROING_END,
+    ZEROING_FIRST,
+    ZEROING_LOCK,
     SharedState,
 )
 
 GUP_PIN_COUNTING_BIAS = 1024
+# A transfer into pages that a zero is clearing waits for it, as I/O waits on a truncate's lock,
+# this long at most (then EBUSY: a zero takes milliseconds); it looks again this often.
+ZEROING_WAIT_S = 10.0
+ZEROING_POLL_S = 0.0002
 RECORD_DTYPE = np.dtype([("epoch", "<u4"), ("flags", "<u4"), ("refs", "<i4", (NCOLUMNS,))])
 REFS_OFFSET = 8
 assert RECORD_DTYPE.itemsize == 64 and RECORD_DTYPE.fields is not None and RECORD_DTYPE.fields["refs"][1] == REFS_OFFSET
@@ -410,26 +420,63 @@ class PageRegistry:
         page cache."""
         pfn = off >> PAGE_SHIFT
         npages = ((off + size - 1) >> PAGE_SHIFT) - pfn + 1
-        gate = self._flags[IO_GATE]
-        if pin:
-            if gate and not self._flags[DEVICE_ALIVE]:
-                self.counter_row[NR_REFUSED] += 1
-                raise DeviceGone("the device is being torn down: no new pins")
-            self.counter_row[NR_PIN_ACQUIRED] += npages
-            delta = GUP_PIN_COUNTING_BIAS
-        else:
-            self.counter_row[NR_GET_PAGE] += npages
-            delta = 1
+        delta = GUP_PIN_COUNTING_BIAS if pin else 1
         if npages == 1 and self._backed_bytes[pfn // CHUNK_PAGES]:
             self._words[pfn * 16 + self._own_word] += delta
         else:
             self._add(pfn, npages, delta)
-        if gate and self._flags[TRACE_IO]:
-            now = time.time_ns()
-            self._record(now, WHAT_PIN if pin else WHAT_GET, pid, file, pfn, npages)
-            self.in_flight.append((pin, pid, file, pfn, npages, now))
+        # The gate is read after the reference is taken: an operation that closes it and then looks
+        # for references (teardown, zero) sees ours, or we see the gate (membarrier on its side).
+        since = 0
+        if self._flags[IO_GATE]:
+            self._through_gate(pin, pfn, npages, delta)
+            if self._flags[TRACE_IO]:
+                since = time.time_ns()
+                self._record(since, WHAT_PIN if pin else WHAT_GET, pid, file, pfn, npages)
+        if pin:
+            self.counter_row[NR_PIN_ACQUIRED] += npages
         else:
-            self.in_flight.append((pin, pid, file, pfn, npages, 0))
+            self.counter_row[NR_GET_PAGE] += npages
+        self.in_flight.append((pin, pid, file, pfn, npages, since))
+
+    def _through_gate(self, pin: bool, pfn: int, npages: int, delta: int) -> None:
+        """The slow path of a transfer that holds its reference: refuse it, or wait, or go on."""
+        flags = self._flags
+        if pin and not flags[DEVICE_ALIVE]:
+            self._sub(pfn, npages, delta)
+            self.counter_row[NR_REFUSED] += 1
+            raise DeviceGone("the device is being torn down: no new pins")
+        deadline = time.monotonic() + ZEROING_WAIT_S
+        while self._flag_bytes[GATE_ZEROING] and pfn < flags[ZEROING_END] and flags[ZEROING_FIRST] < pfn + npages:
+            # Out of the zero's way while it runs (it would see our reference and give up).
+            self._sub(pfn, npages, delta)
+            if self.shared.try_lock(ZEROING_LOCK):
+                # Nobody holds the zero's lock: its serving process died with the gate closed.
+                self._flag_bytes[GATE_ZEROING] = 0
+                self.shared.unlock(ZEROING_LOCK)
+            elif time.monotonic() > deadline:
+                raise PageBusy(f"pages {pfn}+{npages} stayed under a zero for {ZEROING_WAIT_S:g} s")
+            else:
+                time.sleep(ZEROING_POLL_S)
+            self._add(pfn, npages, delta)
+
+    @contextlib.contextmanager
+    def excluding_transfers(self, pfn: int, npages: int) -> Iterator[None]:
+        """Keep new transfers out of [pfn, pfn + npages) while a zero checks and clears it: they
+        wait, as direct I/O waits on the lock a hole punch holds. The zero itself never waits for
+        references (its client retries), so the wait lasts one zero at most. One zero at a time:
+        another gets EBUSY and retries."""
+        if not self.shared.try_lock(ZEROING_LOCK):
+            raise PageBusy("another zero is under way")
+        try:
+            self._flags[ZEROING_FIRST] = pfn
+            self._flags[ZEROING_END] = pfn + npages
+            self._flag_bytes[GATE_ZEROING] = 1
+            membarrier.barrier()
+            yield
+        finally:
+            self._flag_bytes[GATE_ZEROING] = 0
+            self.shared.unlock(ZEROING_LOCK)
 
     def end_transfers(self) -> None:
         """Drop the references of every transfer begun in this process."""

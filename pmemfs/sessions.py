@@ -111,17 +111,19 @@ class PinSessions:
     def zero(self, session: Session, offset: int, length: int) -> None:
         """Bulk-zero a byte range of the data area, refusing with EBUSY while any of its pages is referenced.
 
-        The client waits and retries (``dax_layout_busy_page``): no handler ever waits.
+        The client waits and retries (``dax_layout_busy_page``): this handler never waits for a
+        reference to go. Transfers that start in the range meanwhile wait for it instead.
         """
         self._check_range(offset, length)
         pfn, npages = _pages(offset, length)
-        busy = self.registry.first_busy_page(pfn, npages)
-        if busy is not None:
-            holders = self.registry.holders_of(busy)
-            who = f" held by pid {holders[0].pid} ({holders[0].kind.value} on {holders[0].file})" if holders else ""
-            raise PageBusy(f"page {busy} (offset {busy * PAGE_SIZE}) is busy{who}")
-        self.region.zero(offset, length)
-        self.badblocks.clear_whole_sectors(offset, length)
+        with self.registry.excluding_transfers(pfn, npages):
+            busy = self.registry.first_busy_page(pfn, npages)
+            if busy is not None:
+                holders = self.registry.holders_of(busy)
+                who = f" held by pid {holders[0].pid} ({holders[0].kind.value} on {holders[0].file})" if holders else ""
+                raise PageBusy(f"page {busy} (offset {busy * PAGE_SIZE}) is busy{who}")
+            self.region.zero(offset, length)
+            self.badblocks.clear_whole_sectors(offset, length)
         self.registry.trace("zero", session.pid, "pmem0", pfn, npages, f"bytes {offset}+{length}")
 
     def clear_errors(self, session: Session) -> None:

@@ -8,7 +8,9 @@ generations whose only question is "did it change".
 
 from __future__ import annotations
 
+import fcntl
 import mmap
+import os
 
 import numpy as np
 
@@ -39,6 +41,14 @@ TRACE_IO = 4  # nonzero (the id of the session that asked) while every I/O trans
 IO_GATE = 5
 GATE_DEVICE_DEAD = IO_GATE * 8
 GATE_TRACING_IO = IO_GATE * 8 + 1
+GATE_ZEROING = IO_GATE * 8 + 2
+# The pages [first, end) that the zero under way keeps transfers out of, while GATE_ZEROING is set.
+ZEROING_FIRST = 6
+ZEROING_END = 7
+FLAG_CELLS = 8
+
+# Cross-process locks: byte offsets of the lock file.
+ZEROING_LOCK = 0  # held by the serving process whose zero is under way
 
 HOLDER_SLOTS = 1024  # per column
 HOLDER_DTYPE = np.dtype(
@@ -84,7 +94,7 @@ class SharedState:
         sizes = [
             ("backed", -(-chunks // 8) * 8),
             ("counters", NCOLUMNS * COUNTER_SLOTS * 8),
-            ("flags", 8 * 8),
+            ("flags", FLAG_CELLS * 8),
             ("trace_heads", NCOLUMNS * 8),
             ("holders", NCOLUMNS * HOLDER_SLOTS * HOLDER_DTYPE.itemsize),
             ("trace", NCOLUMNS * TRACE_EVENTS * TRACE_DTYPE.itemsize),
@@ -110,6 +120,8 @@ class SharedState:
         self.snapshot_heads = np.frombuffer(views["snapshot_heads"], dtype=np.int64).reshape(-1, 2)
         self.snapshots = views["snapshots"]
         self.flags[DEVICE_ALIVE] = 1
+        # POSIX record locks on a file every serving process inherits: a holder that dies drops them.
+        self._locks = os.memfd_create("pmemfs-locks", os.MFD_CLOEXEC)
 
     def counter_row(self, column: int) -> memoryview:
         return self.counters[column].data.cast("B").cast("q")
@@ -119,6 +131,17 @@ class SharedState:
 
     def flag_bytes(self) -> memoryview:
         return self.flags.data.cast("B")
+
+    def try_lock(self, which: int) -> bool:
+        """Take lock ``which`` if no other process holds it; never waits."""
+        try:
+            fcntl.lockf(self._locks, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, which)
+        except OSError:
+            return False
+        return True
+
+    def unlock(self, which: int) -> None:
+        fcntl.lockf(self._locks, fcntl.LOCK_UN, 1, which)
 
     def counter_totals(self) -> dict[str, int]:
         totals = self.counters.sum(axis=0)

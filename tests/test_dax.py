@@ -10,10 +10,11 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 
 import numpy as np
 import pytest
-from conftest import DirectFile, Mount, mounted, pmemfs
+from conftest import DirectFile, Mount, mounted, pmemfs, wait_for
 
 from pmemfs.dax import open_dax
 from pmemfs.errors import PmemfsError
@@ -170,3 +171,51 @@ def test_zero_past_the_end_is_einval(mount: Mount) -> None:
     size = mount.status()["size"]
     result = pmemfs("zero", mount.mountpoint, "--offset", str(size - 4096), "--length", "8192", check=False)
     assert result.returncode == 1 and "invalid" in result.stderr
+
+
+def test_writes_racing_a_zero_of_their_pages_land_whole_before_or_after_it(mount: Mount) -> None:
+    first, pages = 2048, 16  # 64 KiB at 8 MiB: a write under way in it nearly all the time
+    stop = threading.Event()
+    written = [0]
+
+    def page_of(page: int) -> bytes:
+        return bytes([1 + page % 251]) * 4096
+
+    def writer(start: int) -> None:
+        with DirectFile(mount.pmem0) as direct:
+            page = start
+            while not stop.is_set():
+                direct.pwrite(page_of(first + page), (first + page) * 4096)
+                written[0] += 1
+                page = (page + 7) % pages
+
+    writers = [threading.Thread(target=writer, args=(start,)) for start in range(4)]
+    for thread in writers:
+        thread.start()
+    try:
+        wait_for(lambda: written[0] > 200, what="writes to start")
+        for _ in range(5):
+            # Each zero gets through: writes into the range wait for it, those under way drain.
+            pmemfs(
+                "zero",
+                mount.mountpoint,
+                "--offset",
+                str(first * 4096),
+                "--length",
+                str(pages * 4096),
+                "--timeout",
+                "10",
+            )
+    finally:
+        stop.set()
+        for thread in writers:
+            thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in writers), "a writer hung"
+    with DirectFile(mount.pmem0, os.O_RDONLY) as direct:
+        data = direct.pread(pages * 4096, first * 4096)
+    for page in range(pages):
+        got = data[page * 4096 : (page + 1) * 4096]
+        assert got in (bytes(4096), page_of(first + page)), f"page {first + page} is torn"
+    registry = mount.status()["registry"]
+    assert registry["referenced_pages"] == 0
+    assert registry["nr_foll_pin_acquired"] == registry["nr_foll_pin_released"]

@@ -6,13 +6,15 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
 from conftest import create_image
 
-from pmemfs.errors import DeviceGone, UnbalancedPut
+from pmemfs.errors import DeviceGone, PageBusy, UnbalancedPut
 from pmemfs.infoblock import PAGE_SIZE
 from pmemfs.memmap import memmap_span, open_registry
 from pmemfs.pages import GUP_PIN_COUNTING_BIAS, RECORD_DTYPE, Kind, PageRegistry
@@ -200,3 +202,70 @@ def test_punches_from_two_processes_at_once_are_each_seen(tmp_path) -> None:  # 
         # This process saw none of them itself: its next store allocates again.
         region.write(0, b"a" * PAGE_SIZE)
         assert region.extents(region.geometry.dataoff, region.geometry.dataoff + PAGE_SIZE)
+
+
+def _in_child(work: Callable[[], object]) -> tuple[int, float]:
+    """Run ``work`` in a forked process (another serving process, as far as locks go); return its
+    exit status and how long it took."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            started = time.monotonic()
+            work()
+            os.write(write_end, str(time.monotonic() - started).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    _, status = os.waitpid(pid, 0)
+    took = os.read(read_end, 64)
+    os.close(read_end)
+    return os.waitstatus_to_exitcode(status), float(took or "nan")
+
+
+def test_a_transfer_into_pages_being_zeroed_waits_for_the_zero(registry: PageRegistry) -> None:
+    pfn = 100
+
+    def transfer(page: int) -> Callable[[], None]:
+        def run() -> None:
+            registry.set_column(2)  # another serving process
+            registry.begin_transfer(True, 42, 1, page * PAGE_SIZE, PAGE_SIZE)
+            registry.end_transfers()
+
+        return run
+
+    results: list[tuple[int, float]] = []
+    with registry.excluding_transfers(pfn, 8):
+        status, took = _in_child(transfer(pfn + 20))
+        assert status == 0 and took < 0.1  # outside the zero's range: no wait
+        child = threading.Thread(target=lambda: results.append(_in_child(transfer(pfn + 3))))
+        child.start()
+        time.sleep(0.3)
+        assert not results, "a transfer went through a zero under way"
+        assert not registry.refcounts(pfn, 8).any()  # the waiting transfer keeps out of the zero's way
+    child.join(timeout=30)
+    assert results and results[0][0] == 0 and results[0][1] >= 0.25
+    assert not registry.refcounts(pfn, 30).any()
+
+
+def test_one_zero_at_a_time_and_a_dead_zeroers_gate_reopens(registry: PageRegistry) -> None:
+    def zero_and_die() -> None:
+        with registry.excluding_transfers(10, 1):
+            os._exit(0)  # killed half-way: the gate stays closed, the lock goes with the process
+
+    def hold_a_zero() -> None:
+        with registry.excluding_transfers(10, 1):
+            time.sleep(0.5)
+
+    holder = threading.Thread(target=lambda: _in_child(hold_a_zero))
+    holder.start()
+    time.sleep(0.2)
+    with pytest.raises(PageBusy):
+        with registry.excluding_transfers(500, 1):
+            pass
+    holder.join(timeout=30)
+    assert _in_child(zero_and_die)[0] == 0
+    status, took = _in_child(lambda: registry.begin_transfer(True, 42, 1, 10 * PAGE_SIZE, PAGE_SIZE))
+    assert status == 0 and took < 1
