@@ -332,6 +332,7 @@ class PageRegistry:
         self._flags[DEVICE_KILLER] = session
         self._flags[DEVICE_ALIVE] = 0
         self._flag_bytes[GATE_DEVICE_DEAD] = 1  # last: a transfer that sees it finds the rest set
+        membarrier.barrier()  # a transfer's reference, or its sight of the gate: never neither
         self.trace("teardown", 0, "", 0, 0, "device reference killed: new pins fail with ENXIO")
 
     def revive(self) -> None:
