@@ -27,6 +27,7 @@ from .shared import (
     COUNTER,
     DEVICE_ALIVE,
     DEVICE_KILLER,
+    FLAGS_LOCK,
     GATE_DEVICE_DEAD,
     GATE_TRACING_IO,
     GATE_ZEROING,
@@ -205,10 +206,12 @@ class PageRegistry:
         self.counter_row[NR_PUT_PAGE] += npages
 
     def pin_user_pages(self, pfn: int, npages: int = 1) -> None:
+        self._add(pfn, npages, GUP_PIN_COUNTING_BIAS)
+        # Checked after the pin is taken, as the I/O path does (see begin_transfer).
         if not self._flags[DEVICE_ALIVE]:
+            self._sub(pfn, npages, GUP_PIN_COUNTING_BIAS)
             self.counter_row[NR_REFUSED] += 1
             raise DeviceGone("the device is being torn down: no new pins")
-        self._add(pfn, npages, GUP_PIN_COUNTING_BIAS)
         self.counter_row[NR_PIN_ACQUIRED] += npages
 
     def unpin_user_pages(self, pfn: int, npages: int = 1) -> None:
@@ -328,22 +331,23 @@ class PageRegistry:
         return bool(self._flags[DEVICE_ALIVE])
 
     def kill(self, session: int = 0) -> None:
-        # The killer first: a process that sees the reference dead must find who killed it.
-        self._flags[DEVICE_KILLER] = session
-        self._flags[DEVICE_ALIVE] = 0
-        self._flag_bytes[GATE_DEVICE_DEAD] = 1  # last: a transfer that sees it finds the rest set
+        with self.shared.locked(FLAGS_LOCK):
+            # The killer first: a process that sees the reference dead must find who killed it.
+            self._flags[DEVICE_KILLER] = session
+            self._flags[DEVICE_ALIVE] = 0
+            self._flag_bytes[GATE_DEVICE_DEAD] = 1  # last: a transfer that sees it finds the rest set
         membarrier.barrier()  # a transfer's reference, or its sight of the gate: never neither
         self.trace("teardown", 0, "", 0, 0, "device reference killed: new pins fail with ENXIO")
 
-    def revive(self) -> None:
-        if not self.alive:
+    def revive(self, killer: int | None = None) -> None:
+        """Make the device reference live again; with ``killer``, only if that session killed it."""
+        with self.shared.locked(FLAGS_LOCK):
+            if self.alive or (killer is not None and self._flags[DEVICE_KILLER] != killer):
+                return
             self._flags[DEVICE_KILLER] = 0
             self._flags[DEVICE_ALIVE] = 1
             self._flag_bytes[GATE_DEVICE_DEAD] = 0
-            self.trace("revive", 0, "", 0, 0, "device reference revived")
-
-    def killed_by(self, session: int) -> bool:
-        return not self.alive and self._flags[DEVICE_KILLER] == session
+        self.trace("revive", 0, "", 0, 0, "device reference revived")
 
     # Queries.
     def referenced_ranges(self) -> list[dict[str, int]]:
@@ -382,12 +386,13 @@ class PageRegistry:
     # only while a session asks for it (``pmemfs trace --io``): a trace record costs a third of
     # the registry's work per request.
     def trace_io(self, session: int, on: bool) -> None:
-        if on:
-            self._flags[TRACE_IO] = session
-            self._flag_bytes[GATE_TRACING_IO] = 1
-        elif self._flags[TRACE_IO] == session:
-            self._flags[TRACE_IO] = 0
-            self._flag_bytes[GATE_TRACING_IO] = 0
+        with self.shared.locked(FLAGS_LOCK):
+            if on:
+                self._flags[TRACE_IO] = session
+                self._flag_bytes[GATE_TRACING_IO] = 1
+            elif self._flags[TRACE_IO] == session:
+                self._flags[TRACE_IO] = 0
+                self._flag_bytes[GATE_TRACING_IO] = 0
 
     def trace(self, what: str, pid: int, file: str, pfn: int, npages: int, note: str = "") -> None:
         self._record(time.time_ns(), WHATS.index(what), pid, FILES.index(file), pfn, npages, note.encode()[:TRACE_NOTE])

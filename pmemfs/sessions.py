@@ -148,8 +148,7 @@ class PinSessions:
                 "unpin", session.pid, holder.file, holder.pfn, holder.npages,
                 f"session pin {holder.id} dropped: " + ("client died" if gone else "session closed"),
             )  # fmt: skip
-        if self.registry.killed_by(session.id):
-            self.registry.revive()
+        self.registry.revive(killer=session.id)
         self.registry.trace_io(session.id, False)
         self.registry.trace("session", session.pid, "", 0, 0, "closed" + (" (client died)" if gone else ""))
 

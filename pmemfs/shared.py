@@ -8,9 +8,11 @@ generations whose only question is "did it change".
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import mmap
 import os
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -49,6 +51,7 @@ FLAG_CELLS = 8
 
 # Cross-process locks: byte offsets of the lock file.
 ZEROING_LOCK = 0  # held by the serving process whose zero is under way
+FLAGS_LOCK = 1  # held while a session changes the device reference or the I/O trace (check, then write)
 
 HOLDER_SLOTS = 1024  # per column
 HOLDER_DTYPE = np.dtype(
@@ -142,6 +145,15 @@ class SharedState:
 
     def unlock(self, which: int) -> None:
         fcntl.lockf(self._locks, fcntl.LOCK_UN, 1, which)
+
+    @contextlib.contextmanager
+    def locked(self, which: int) -> Iterator[None]:
+        """Hold lock ``which``, waiting for it: only for a few stores, never around I/O."""
+        fcntl.lockf(self._locks, fcntl.LOCK_EX, 1, which)
+        try:
+            yield
+        finally:
+            self.unlock(which)
 
     def counter_totals(self) -> dict[str, int]:
         totals = self.counters.sum(axis=0)

@@ -118,6 +118,16 @@ def test_killed_device_refuses_new_pins(registry: PageRegistry) -> None:
     registry.revive()
     registry.pin_user_pages(100)
     assert registry.statistics()["nr_refused"] == 1
+    assert registry.page_ref_count(100) == GUP_PIN_COUNTING_BIAS  # the refused pin left nothing
+
+
+def test_only_the_last_killer_revives(registry: PageRegistry) -> None:
+    registry.kill(session=1)
+    registry.kill(session=2)  # a second teardown while the first is draining
+    registry.revive(killer=1)  # the first session closes: not its kill any more
+    assert not registry.alive
+    registry.revive(killer=2)
+    assert registry.alive
 
 
 def test_pin_and_unpin_of_one_gib_are_single_operations(registry: PageRegistry) -> None:
