@@ -12,14 +12,14 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
-from conftest import create_image
+from conftest import create_image, wait_for
 
 from pmemfs.errors import DeviceGone, PageBusy, UnbalancedPut
 from pmemfs.infoblock import PAGE_SIZE
 from pmemfs.memmap import memmap_span, open_registry
 from pmemfs.pages import GUP_PIN_COUNTING_BIAS, RECORD_DTYPE, Kind, PageRegistry
 from pmemfs.region import Region
-from pmemfs.shared import HOLES_GENERATION, SharedState
+from pmemfs.shared import HOLES_GENERATION, IO_GATE, SharedState
 
 
 @pytest.fixture
@@ -252,7 +252,7 @@ def test_a_transfer_into_pages_being_zeroed_waits_for_the_zero(registry: PageReg
         assert status == 0 and took < 0.1  # outside the zero's range: no wait
         child = threading.Thread(target=lambda: results.append(_in_child(transfer(pfn + 3))))
         child.start()
-        time.sleep(0.3)
+        time.sleep(0.3)  # a window for the transfer to go through, which it must not
         assert not results, "a transfer went through a zero under way"
         assert not registry.refcounts(pfn, 8).any()  # the waiting transfer keeps out of the zero's way
     child.join(timeout=30)
@@ -265,16 +265,19 @@ def test_one_zero_at_a_time_and_a_dead_zeroers_gate_reopens(registry: PageRegist
         with registry.excluding_transfers(10, 1):
             os._exit(0)  # killed half-way: the gate stays closed, the lock goes with the process
 
+    release_read, release_write = os.pipe()
+
     def hold_a_zero() -> None:
         with registry.excluding_transfers(10, 1):
-            time.sleep(0.5)
+            os.read(release_read, 1)  # until the test has tried a second zero
 
     holder = threading.Thread(target=lambda: _in_child(hold_a_zero))
     holder.start()
-    time.sleep(0.2)
+    wait_for(lambda: registry.shared.flags[IO_GATE] != 0, what="the other process's zero to start")
     with pytest.raises(PageBusy):
         with registry.excluding_transfers(500, 1):
             pass
+    os.write(release_write, b"x")
     holder.join(timeout=30)
     assert _in_child(zero_and_die)[0] == 0
     status, took = _in_child(lambda: registry.begin_transfer(True, 42, 1, 10 * PAGE_SIZE, PAGE_SIZE))
