@@ -61,7 +61,7 @@ def run(
         if not region.previous_shutdown_clean:
             log.warning("%s was not shut down cleanly (unclean shutdowns: %d)", image, region.header.unclean_shutdowns)
         shared = SharedState(chunks_for(region.geometry.npfns))
-        region.share_generations(shared.flag_cells())
+        region.share_generations(shared)
         registry, stale = open_registry(region, previous_epoch, region.header.mount_count & 0xFFFFFFFF, shared)
         badblocks = BadBlocks(region.data_size // SECTOR_SIZE, region.badblock_store())
         ops = PmemOperations(region, registry, badblocks, [], track_references=track_references)

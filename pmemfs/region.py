@@ -29,14 +29,11 @@ from .infoblock import (
     Header,
     InfoBlock,
 )
-from .shared import BADBLOCKS_GENERATION, HOLES_GENERATION
+from .shared import BADBLOCKS_GENERATION, FLAG_CELLS, HOLES_GENERATION, HOLES_LOCK, SharedState
 
 # Blocks of the image are allocated this many bytes at a time before the first store into them,
 # so that a full backing filesystem is an ENOSPC for the writer instead of a SIGBUS in the daemon.
 ALLOC_CHUNK = 2 << 20
-# A byte of the image that serves only as the lockf range for changing the holes generation
-# (advisory: nothing is written there for it; the header lock is [0, PAGE_SIZE)).
-HOLES_LOCK_OFFSET = HEADER_OFFSET + PAGE_SIZE
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -158,9 +155,9 @@ class Region:
         self.data_size = self.geometry.data_size
         self._allocated = np.zeros(-(-info.file_size // ALLOC_CHUNK), dtype=bool)
         self._allocated_bytes = self._allocated.data  # a memoryview item costs a fifth of numpy's
-        self._dataoff = self.geometry.dataoff
+        self._dataoff = dataoff
         self.previous_shutdown_clean = info.header.clean
-        self.share_generations(memoryview(bytearray(8 * 8)).cast("q"))
+        self.share_generations(None)
 
     @classmethod
     def open(cls, path: str) -> Region:
@@ -200,11 +197,12 @@ class Region:
     def set_badblocks(self, extents: tuple[tuple[int, int], ...]) -> None:
         self._write_header(self.read_header().replace(badblocks=extents))
 
-    def share_generations(self, cells: memoryview) -> None:
-        """Use the shared generation cells, so that a hole punched by one serving process makes
-        every other one allocate again before its next store there."""
-        self._cells = cells
-        self._seen_holes = cells[HOLES_GENERATION]
+    def share_generations(self, shared: SharedState | None) -> None:
+        """Use the serving processes' shared generation cells (None: this process's own), so that a
+        hole punched by one of them makes every other one allocate again before its next store there."""
+        self._shared = shared
+        self._cells = shared.flag_cells() if shared else memoryview(bytearray(FLAG_CELLS * 8)).cast("q")
+        self._seen_holes = self._cells[HOLES_GENERATION]
 
     def badblock_store(self) -> ImageBadBlockStore:
         return ImageBadBlockStore(self)
@@ -241,11 +239,8 @@ class Region:
         # hole: each sees the generation change at its next write. The increment is a read-modify-
         # write of a cell that every process may change: under a lock, or two punches at once
         # could count as one and a process that saw the first would miss the second.
-        fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, HOLES_LOCK_OFFSET)
-        try:
+        with self._shared.locked(HOLES_LOCK) if self._shared else contextlib.nullcontext():
             self._cells[HOLES_GENERATION] += 1
-        finally:
-            fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, HOLES_LOCK_OFFSET)
 
     def extents(self, start: int, end: int) -> list[tuple[int, int]]:
         """The allocated (data) extents of the image within [start, end), from SEEK_DATA/SEEK_HOLE."""

@@ -52,6 +52,7 @@ FLAG_CELLS = 8
 # Cross-process locks: byte offsets of the lock file.
 ZEROING_LOCK = 0  # held by the serving process whose zero is under way
 FLAGS_LOCK = 1  # held while a session changes the device reference or the I/O trace (check, then write)
+HOLES_LOCK = 2  # held while the holes generation is bumped (read-modify-write)
 
 HOLDER_SLOTS = 1024  # per column
 HOLDER_DTYPE = np.dtype(

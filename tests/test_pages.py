@@ -192,7 +192,7 @@ def test_punches_from_two_processes_at_once_are_each_seen(tmp_path) -> None:  # 
     """The holes generation is a cell every serving process changes: no punch may be lost."""
     with open_region(create_image(tmp_path / "x.img", "64M")) as region:
         shared = SharedState()
-        region.share_generations(shared.flag_cells())
+        region.share_generations(shared)
         before = int(shared.flags[HOLES_GENERATION])
         punches = 300
         children = []

@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import DirectFile, children_of, pmemfs
+from conftest import DirectFile, children_of, pmemfs, wait_for
 
 from pmemfs.client import wait_until_answering
 
@@ -58,13 +58,17 @@ def test_fast_loop_is_the_default(image: str, tmp_path) -> None:  # type: ignore
     assert "served with the fast" in log.read_text()
 
 
+def stat_fields(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
 def cpu_seconds(pids: list[int]) -> float:
-    total = 0
+    ticks = 0
     for pid in pids:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
-    return total / os.sysconf("SC_CLK_TCK")
+        fields = stat_fields(pid)
+        ticks += int(fields[11]) + int(fields[12])  # utime + stime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def test_an_idle_daemon_stops_polling(image: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -79,7 +83,8 @@ def test_an_idle_daemon_stops_polling(image: str, tmp_path) -> None:  # type: ig
         with DirectFile(os.path.join(mountpoint, "pmem0")) as direct:
             for block in range(500):  # one at a time: the spinning worker polls after each reply
                 direct.pread(4096, block * 4096)
-        time.sleep(0.2)  # past the last polling window (1 ms)
+        # Past the last polling window (1 ms): every serving process asleep.
+        wait_for(lambda: all(stat_fields(pid)[0] == "S" for pid in serving), what="the daemon to go idle")
         before = cpu_seconds(serving)
         time.sleep(1)  # the interval measured: one idle second
         assert cpu_seconds(serving) - before < 0.1
