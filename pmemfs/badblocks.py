@@ -1,9 +1,9 @@
 """Poisoned sectors of the data area, as the kernel's badblocks list and pmem driver treat them.
 
 A read that touches a bad sector fails with EIO and returns nothing; a write that covers bad
-sectors whole clears them first (pmem_clear_poison) and then stores; a write that covers one only
-in part fails with EIO. Extents are 512-byte sectors relative to the data area, merged, and
-persisted in the image header on every change, so they survive umount and kill -9.
+sectors whole stores and clears them (pmem_clear_poison), and one that fails to store leaves them
+bad; a write that covers one only in part fails with EIO. Extents are 512-byte sectors relative
+to the data area, merged, and persisted in the image header on every change, so they survive umount and kill -9.
 """
 
 from __future__ import annotations
@@ -143,18 +143,22 @@ class BadBlocks:
         if bad:
             raise MediaError(f"read of bytes {offset}+{length} hits bad sector {bad[0][0]}")
 
-    def clear_for_write(self, offset: int, length: int) -> None:
-        """Clear the bad sectors a write covers whole; EIO if it covers one only in part."""
+    def check_write(self, offset: int, length: int) -> bool:
+        """Whether a write covers bad sectors (all whole: it will clear them once stored); EIO if it
+        covers one only in part, which nothing can clear."""
         first, end = offset // SECTOR_SIZE, -(-(offset + length) // SECTOR_SIZE)
         bad = self.overlapping(first, end - first)
-        if not bad:
-            return
         whole_first, whole_end = -(-offset // SECTOR_SIZE), (offset + length) // SECTOR_SIZE
         for start, n in bad:
             if start < whole_first or start + n > whole_end:
                 raise MediaError(
                     f"write of bytes {offset}+{length} covers bad sector {max(start, whole_end)} only in part"
                 )
+        return bool(bad)
+
+    def clear_written(self, offset: int, length: int) -> None:
+        """Clear the bad sectors under a write that has been stored (checked by check_write)."""
+        first, end = offset // SECTOR_SIZE, -(-(offset + length) // SECTOR_SIZE)
         self.clear(first, end - first)
 
     def clear_whole_sectors(self, offset: int, length: int) -> None:
@@ -174,7 +178,9 @@ class BadBlocks:
             words = text.decode("ascii").split()
         except UnicodeDecodeError:
             raise InvalidRange("badblocks: write '<sector> <count>'") from None
-        if len(words) != 2 or not all(w.isdigit() for w in words):
+        # Bounded before int(): a sector number has at most 20 digits (2^64), and int() of a
+        # string past 4300 digits raises.
+        if len(words) != 2 or not all(w.isdigit() and len(w) <= 20 for w in words):
             raise InvalidRange("badblocks: write '<sector> <count>' with two non-negative integers")
         sector, count = int(words[0]), int(words[1])
         if count > 2**31 - 1:

@@ -6,11 +6,13 @@ kernel through fusermount3 and losetup, so it works on a mount started by anyone
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import re
 import select
+import stat
 import subprocess
 import sys
 import tempfile
@@ -20,8 +22,13 @@ from collections.abc import Callable
 from .control import loop_devices_for
 from .errors import MountError, PmemfsError
 
+# How long a starting daemon may go without a sign of progress before the CLI gives up on it.
 MOUNT_TIMEOUT_S = 15.0
 POLL_INTERVAL_S = 0.02
+# The kernel sends a file's release after its last close: how long a count of open files may lag
+# behind the processes that had them open.
+RELEASE_GRACE_S = 2.0
+DATA_FILES = ("pmem0", "dax0")
 # What the kernel answers on a FUSE mount whose daemon is gone (newer kernels say ECONNABORTED).
 DEAD_MOUNT_ERRNOS = (errno.ENOTCONN, errno.ECONNABORTED)
 
@@ -101,24 +108,60 @@ def _check_mountpoint(mountpoint: str) -> None:
         raise MountError(f"mountpoint {mountpoint} is not a directory: create it first")
 
 
+def open_log(log_path: str, *, default: bool) -> int:
+    """Open the daemon's log for appending, safely: never blocking (a FIFO), never anything but a
+    regular file, created 0600. The default path is a predictable name in a shared directory, so
+    there a symbolic link is not followed and the file must be ours."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    flags |= os.O_NOFOLLOW if default else 0
+    hint = "remove it, or pass --log FILE" if default else "pass another --log FILE"
+    try:
+        fd = os.open(log_path, flags, 0o600)
+    except OSError as err:
+        if err.errno == errno.ELOOP and default:
+            raise MountError(f"log file {log_path} is a symbolic link: pmemfs does not follow it ({hint})") from None
+        raise MountError(f"cannot open log file {log_path}: {err.strerror} ({hint})") from None
+    st = os.fstat(fd)
+    problem = None
+    if not stat.S_ISREG(st.st_mode):
+        problem = "is not a regular file"
+    elif default and st.st_uid != os.geteuid():
+        problem = f"belongs to another user (uid {st.st_uid})"
+    if problem:
+        os.close(fd)
+        raise MountError(f"log file {log_path} {problem} ({hint})")
+    if st.st_mode & 0o077 and st.st_uid == os.geteuid():
+        os.fchmod(fd, 0o600)  # the log names images and holders: the owner's business
+    os.set_blocking(fd, True)
+    return fd
+
+
 def start_daemon(
     image: str, mountpoint: str, *, log_path: str | None = None, debug: bool = False, daemon_args: tuple[str, ...] = ()
 ) -> int:
     """Start a background daemon and return its pid once the mount answers requests."""
     _check_mountpoint(mountpoint)
-    log_path = log_path or default_log_path(mountpoint)
+    log_fd = open_log(os.path.abspath(log_path or default_log_path(mountpoint)), default=log_path is None)
+    log_path = os.path.abspath(log_path or default_log_path(mountpoint))
     read_end, write_end = os.pipe()
-    command = [sys.executable, "-m", "pmemfs.daemon", os.path.abspath(image), os.path.abspath(mountpoint)]
-    command += ["--ready-fd", str(write_end), "--log", log_path, *daemon_args] + (["--debug"] if debug else [])
-    with open(log_path, "ab") as log_file:
+    package_dir = os.path.dirname(os.path.abspath(__file__))
+    # -P and cwd "/": nothing from the caller's working directory can shadow the package, and the
+    # daemon runs the same pmemfs as this command (it checks --package-dir).
+    command = [sys.executable, "-P", "-m", "pmemfs.daemon", os.path.abspath(image), os.path.abspath(mountpoint)]
+    command += ["--ready-fd", str(write_end), "--log", log_path, "--package-dir", package_dir, *daemon_args]
+    command += ["--debug"] if debug else []
+    try:
         daemon = subprocess.Popen(
             command,
             pass_fds=[write_end],
             stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=log_file,
+            stdout=log_fd,
+            stderr=log_fd,
             start_new_session=True,
+            cwd="/",
         )
+    finally:
+        os.close(log_fd)
     os.close(write_end)
     try:
         failure = _read_until_eof(read_end, daemon)
@@ -132,17 +175,29 @@ def start_daemon(
 
 
 def _read_until_eof(fd: int, daemon: subprocess.Popen) -> str:
-    message = b""
+    """The daemon's start-up failure (empty once it has mounted), reading its ready pipe to EOF.
+    A daemon that says it is making progress (``progress ...`` lines) is waited for however long
+    that takes; one silent for MOUNT_TIMEOUT_S is given up on."""
+    received, message = b"", []
     deadline = time.monotonic() + MOUNT_TIMEOUT_S
     while time.monotonic() < deadline:
         ready, _, _ = select.select([fd], [], [], POLL_INTERVAL_S * 5)
-        if ready:
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                return message.decode().strip()
-            message += chunk
+        if not ready:
+            continue
+        chunk = os.read(fd, 4096)
+        received += chunk
+        *lines, received = received.split(b"\n")
+        for line in lines + ([received] if not chunk else []):
+            text = line.decode(errors="replace").strip()
+            if text.startswith("progress "):
+                deadline = time.monotonic() + MOUNT_TIMEOUT_S
+                print(f"pmemfs: {text.removeprefix('progress ')}", file=sys.stderr, flush=True)
+            elif text:
+                message.append(text)
+        if not chunk:
+            return "\n".join(message)
     daemon.kill()
-    return f"the daemon did not mount within {MOUNT_TIMEOUT_S:.0f} s"
+    return f"the daemon made no progress for {MOUNT_TIMEOUT_S:.0f} s and was stopped"
 
 
 def wait_until_answering(
@@ -191,6 +246,54 @@ def _cleanup_dead_mount(mountpoint: str) -> None:
     detach_loops(mountpoint)
     # Lazy: a dead FUSE mount cannot answer the requests a plain unmount would wait on.
     subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True)
+
+
+def open_files(mountpoint: str) -> int:
+    """How many pmem0/dax0 handles the daemon has open (a mapping holds one until it is unmapped)."""
+    return int(read_status(mountpoint).get("open_files", 0))
+
+
+def processes_using(mountpoint: str) -> list[str]:
+    """Who has pmem0 or dax0 open or mapped, as "pid 123 (fio) has pmem0 open" (from /proc, which
+    names them without asking the mount anything)."""
+    targets = {os.path.join(os.path.abspath(mountpoint), name): name for name in DATA_FILES}
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        uses: set[str] = set()
+        try:
+            for fd in os.listdir(f"/proc/{entry}/fd"):
+                with contextlib.suppress(OSError):
+                    name = targets.get(os.readlink(f"/proc/{entry}/fd/{fd}"))
+                    if name:
+                        uses.add(f"has {name} open")
+            with open(f"/proc/{entry}/maps") as maps:
+                for line in maps:
+                    name = targets.get(line.rstrip("\n").split(maxsplit=5)[-1])
+                    if name:
+                        uses.add(f"has {name} mapped")
+            with open(f"/proc/{entry}/comm") as comm:
+                command = comm.read().strip()
+        except OSError:
+            continue  # gone meanwhile, or not ours to look at
+        found += [f"pid {entry} ({command}) {use}" for use in sorted(uses)]
+    return found
+
+
+def refuse_if_busy(mountpoint: str) -> None:
+    """Raise MountError naming who has pmem0/dax0 open, if anyone does: an unmount must never
+    break I/O under way, as umount(8) of a busy filesystem disturbs nothing."""
+    if open_files(mountpoint) == 0:
+        return
+    users = processes_using(mountpoint)
+    if not users and poll_until(lambda: open_files(mountpoint) == 0, RELEASE_GRACE_S):
+        return  # a release was on its way
+    users = users or processes_using(mountpoint)
+    who = "; ".join(users) if users else f"{open_files(mountpoint)} handle(s), held by no process this one can see"
+    raise MountError(
+        f"{mountpoint} is busy: {who}. Nothing was stopped: end or close those, then run pmemfs umount again"
+    )
 
 
 def process_alive(pid: int) -> bool:
@@ -313,8 +416,18 @@ PIN_ERRORS = {
 
 
 def drain_references(mountpoint: str, session: PinSession, timeout_s: float) -> list[dict[str, object]]:
-    """Kill the device reference and wait for every page reference to go; return the holders left."""
+    """Kill the device reference and wait for every page reference to go; return the holders left.
+
+    Only once no data file is open: from the kill on, opens of pmem0/dax0 get ENXIO, and a file
+    opened between the caller's check and the kill (the open counts itself before it looks at
+    the reference) makes this revive the reference and refuse, so no I/O ever sees the kill.
+    """
     session.kill_device()
+    try:
+        refuse_if_busy(mountpoint)
+    except MountError:
+        session.revive_device()
+        raise
     if poll_until(lambda: read_status(mountpoint)["registry"]["referenced_pages"] == 0, timeout_s, POLL_INTERVAL_S * 5):
         return []
     return read_pages(mountpoint)["holders"]
@@ -339,6 +452,7 @@ def unmount(mountpoint: str, *, timeout_s: float = 30.0) -> str:
         return f"cleaned up {mountpoint}: its daemon had died (the next mount counts an unclean shutdown)"
     status = read_status(mountpoint)
     detach_loops(mountpoint)
+    refuse_if_busy(mountpoint)
     # Closing the session revives the device reference: on a timeout the mount goes on serving.
     with PinSession(mountpoint) as session:
         holders = drain_references(mountpoint, session, timeout_s)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .badblocks import BadBlocks
-from .pages import PageRegistry
+from .pages import PageRegistry, holders_by_range
 from .region import Region
 
 
@@ -45,6 +45,7 @@ def control_files(
     registry: PageRegistry,
     badblocks: BadBlocks,
     io_statistics: Callable[[], dict[str, int]],
+    open_data_files: Callable[[], int],
     mountpoint: str,
     log_path: str | None,
     stale: list[dict[str, int]],
@@ -72,6 +73,7 @@ def control_files(
                 "blockdev": blockdevs[0] if blockdevs else None,
                 "allocated_bytes": region.allocated_bytes(),
                 "counters": io_statistics(),
+                "open_files": open_data_files(),
                 "registry": registry.statistics(),
             }
         )
@@ -79,9 +81,11 @@ def control_files(
     def pages() -> bytes:
         now = time.time_ns()
         ranges = registry.referenced_ranges()
-        for r in ranges:
-            r["holders"] = [h.as_dict(now) for h in registry.holders_of(r["pfn"], r["npages"])]  # type: ignore[assignment]
-        return _json({"ranges": ranges, "holders": [h.as_dict(now) for h in registry.holders()]})
+        holders = registry.holders()
+        described = [h.as_dict(now) for h in holders]
+        for r, overlapping in zip(ranges, holders_by_range(ranges, holders), strict=True):
+            r["holders"] = [described[i] for i in overlapping]  # type: ignore[assignment]
+        return _json({"ranges": ranges, "holders": described})
 
     def trace() -> bytes:
         return "".join(event.line() + "\n" for event in registry.events()).encode()

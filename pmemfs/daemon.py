@@ -1,7 +1,11 @@
 """Composition root of the daemon: open the region and registry, build the tree, mount, serve, unmount clean.
 
-Run as ``python -m pmemfs.daemon IMAGE MOUNTPOINT`` by ``pmemfs mount``; the CLI's
+Run as ``python -P -m pmemfs.daemon IMAGE MOUNTPOINT`` by ``pmemfs mount``; the CLI's
 ``--foreground`` calls :func:`run` in-process.
+
+Order matters: until the kernel has the mount, nothing is written to the image, so a mount that
+fails leaves it byte for byte as it was. Only then is it marked dirty (and the mount counted),
+and only then are the registry records of a daemon that died reset.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ import argparse
 import logging
 import os
 import sys
+import time
+from collections.abc import Callable
 
 import pyfuse3
 
@@ -27,6 +33,11 @@ from .shared import SharedState
 log = logging.getLogger("pmemfs")
 
 FUSE_OPTIONS = ("fsname=pmemfs", "subtype=pmemfs", "default_permissions")
+EPOCH_MASK = 0xFFFFFFFF
+COUNTER_MAX = 2**64 - 1
+# While a start takes long (the registry scan after a crash of a daemon on a huge image), tell the
+# CLI this often that it is moving, so that it waits instead of giving up on it.
+PROGRESS_EVERY_S = 1.0
 
 
 def run(
@@ -56,13 +67,12 @@ def run(
     # Do not mark the image clean on the way out unless this daemon really marked it dirty.
     mounted = False
     try:
-        previous_epoch = region.header.mount_count & 0xFFFFFFFF
-        region.mark_dirty()
-        if not region.previous_shutdown_clean:
-            log.warning("%s was not shut down cleanly (unclean shutdowns: %d)", image, region.header.unclean_shutdowns)
+        mount_count = region.header.mount_count
+        # The epoch stamps this mount's records; mark_dirty makes it the header's mount count.
+        previous_epoch, epoch = mount_count & EPOCH_MASK, min(mount_count + 1, COUNTER_MAX) & EPOCH_MASK
         shared = SharedState(chunks_for(region.geometry.npfns))
         region.share_generations(shared)
-        registry, stale = open_registry(region, previous_epoch, region.header.mount_count & 0xFFFFFFFF, shared)
+        registry, stale = open_registry(region, previous_epoch, epoch, shared, _progress_reporter(ready_fd))
         badblocks = BadBlocks(region.data_size // SECTOR_SIZE, region.badblock_store())
         ops = PmemOperations(region, registry, badblocks, [], track_references=track_references)
         fast = serving_mode == "fast" and serving.fast_path_problem() is None
@@ -77,6 +87,7 @@ def run(
                 registry=registry,
                 badblocks=badblocks,
                 io_statistics=ops.statistics,
+                open_data_files=ops.open_data_files,
                 mountpoint=mountpoint,
                 log_path=log_path,
                 stale=stale,
@@ -87,7 +98,17 @@ def run(
             pyfuse3.init(ops, mountpoint, set(FUSE_OPTIONS))
         except RuntimeError as err:
             return _fail_start(ready_fd, f"cannot mount {image} at {mountpoint}: {err}")
+        try:
+            region.mark_dirty()
+        except Exception as err:
+            pyfuse3.close(unmount=True)
+            log.exception("cannot mark %s in use", image)
+            return _fail_start(ready_fd, f"cannot mark {image} in use: {err}")
         mounted = True
+        if not region.previous_shutdown_clean:
+            log.warning("%s was not shut down cleanly (unclean shutdowns: %d)", image, region.header.unclean_shutdowns)
+        # The carve-out is volatile: whatever the last daemon left there goes, in one punch.
+        reset_records(region)
         _close_ready(ready_fd)
         log.info("serving %s at %s (pid %d)", image, mountpoint, os.getpid())
         membarrier.register()
@@ -95,7 +116,7 @@ def run(
             used = serving.serve(
                 serving_mode,
                 # Runs before each read of /dev/fuse: the last reply is out, its transfer is over.
-                registry.end_transfers,
+                _guarded_hook(registry),
                 workers=workers,
                 initialized=lambda: ops.initialized,
                 become=lambda column: _become_worker(registry, column),
@@ -111,6 +132,42 @@ def run(
         return 0
     finally:
         region.close(clean=mounted)
+
+
+def _guarded_hook(registry: PageRegistry) -> Callable[[], None]:
+    """``end_transfers`` for the serving loop, which must never see an exception (it would end the
+    process): a transfer that cannot be ended is logged and dropped, and the rest are ended."""
+    logged = False
+
+    def end_transfers() -> None:
+        nonlocal logged
+        while registry.in_flight:
+            try:
+                registry.end_transfers()
+            except Exception:
+                if not logged:
+                    logged = True
+                    log.exception("ending a transfer's page references failed (logged once)")
+
+    return end_transfers
+
+
+def _progress_reporter(ready_fd: int | None) -> Callable[[int, int], None]:
+    """A ``progress(done, total)`` that tells the CLI, at most every PROGRESS_EVERY_S, that the
+    start is moving (a line ``progress <text>`` on the ready pipe)."""
+    started = last = time.monotonic()
+
+    def progress(done: int, total: int) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if ready_fd is None or now - last < PROGRESS_EVERY_S:
+            return
+        last = now
+        line = f"progress reading the registry records of the daemon that died: {100 * done // max(total, 1)}%"
+        log.info("%s (%.0f s so far)", line.removeprefix("progress "), now - started)
+        os.write(ready_fd, line.encode() + b"\n")
+
+    return progress
 
 
 def _become_worker(registry: PageRegistry, column: int) -> None:
@@ -145,11 +202,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serve", choices=("fast", "trio"), default="fast")
     parser.add_argument("--workers", type=int, default=serving.default_workers())
     parser.add_argument("--spin-us", type=int, default=serving.DEFAULT_SPIN_US)
+    # Where the CLI that started us runs pmemfs from: the daemon must run the same code.
+    parser.add_argument("--package-dir")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
     )
+    here = os.path.dirname(os.path.abspath(__file__))
+    if args.package_dir and os.path.realpath(args.package_dir) != os.path.realpath(here):
+        return _fail_start(
+            args.ready_fd,
+            f"the daemon would run pmemfs from {here}, but this pmemfs command runs it from {args.package_dir} "
+            "(a pmemfs/ folder in the working directory shadows the installed package?): "
+            "run the installed pmemfs command",
+        )
     return run(
         args.image,
         args.mountpoint,

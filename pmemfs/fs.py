@@ -1,18 +1,24 @@
 """pyfuse3 Operations for a pmemfs mount: translates FUSE requests into region and registry calls.
 
-The only module that raises FUSEError. Handlers never await: every request is served to the
-end by the task that received it, so one pyfuse3 worker task is enough and no lock is needed.
+The only module that raises FUSEError, and the error boundary of the daemon: pyfuse3 lets any
+other exception out of its loop, which would end the serving process and with it the mount, so
+every handler turns every exception into an errno (EIO for the unexpected, logged once with its
+traceback) and the process goes on serving. Handlers never await: every request is served to the
+end by the task that received it, so one pyfuse3 worker task per process is enough.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Sequence
+import traceback
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import pyfuse3
 
@@ -23,7 +29,7 @@ from .infoblock import PAGE_SIZE, SECTOR_SIZE
 from .pages import FILES, PageRegistry
 from .region import Region
 from .sessions import PinSessions, Session
-from .shared import COUNTER, IO_COUNTERS
+from .shared import COUNTER, HANDLE_COUNTERS, IO_COUNTERS, SNAPSHOT_SLOTS
 
 log = logging.getLogger("pmemfs")
 
@@ -39,22 +45,45 @@ PIN_NAME = b"pin"
 # Nothing in the tree ever changes shape or size, so the kernel may cache all of it.
 ATTR_TIMEOUT_S = 3600.0
 OPEN_CACHE_LIMIT = 4096
+# A control-file write is one command or one sysfs line: anything longer is not one.
+CONTROL_WRITE_MAX = 4096
+# What an unexpected exception becomes for the client: its errno where it says something true
+# about the request (no space), else EIO.
+PASSED_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+READS, WRITES, READ_BYTES, WRITE_BYTES, DIRECT_READS, DIRECT_WRITES, FSYNCS, ERRORS, INTERNAL_ERRORS = (
+    COUNTER[n] for n in IO_COUNTERS
+)
+DATA_OPENS, DATA_RELEASES = (COUNTER[n] for n in HANDLE_COUNTERS)
+_Handler = TypeVar("_Handler", bound=Callable[..., Awaitable[Any]])
 
 
-READS, WRITES, READ_BYTES, WRITE_BYTES, DIRECT_READS, DIRECT_WRITES, FSYNCS, ERRORS = (COUNTER[n] for n in IO_COUNTERS)
+def _guarded(handler: _Handler) -> _Handler:
+    """The error boundary for a handler (read and write have it inline, where it costs nothing)."""
+    name = handler.__name__
+
+    @functools.wraps(handler)
+    async def guarded(self: PmemOperations, *args: Any) -> Any:
+        try:
+            return await handler(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception as err:
+            raise self._fuse_error(name, err) from None
+
+    return guarded  # type: ignore[return-value]
 
 
 @dataclasses.dataclass
 class OpenFile:
-    """What a file handle stands for. Everything but the snapshot is encoded in the handle itself,
-    because the kernel may send a handle's requests to any serving process."""
+    """What a file handle stands for, all encoded in the handle itself, because the kernel may send
+    a handle's requests to any serving process (a control file's snapshot is in shared memory)."""
 
     inode: int
     direct: bool
     pid: int
     file_code: int
     session: Session | None = None
-    snapshot: bytes | None = None
 
     @property
     def name(self) -> str:
@@ -68,16 +97,19 @@ class OpenFile:
 
     @staticmethod
     def snapshot_slot(fh: int) -> int | None:
-        """The shared snapshot slot of a control handle, if it got one."""
-        slot = fh >> 13 & 0x1FF
+        """The shared snapshot slot of a control handle (data handles have none)."""
+        slot = fh >> 13 & 0xFFF
         return slot - 1 if slot else None
 
 
+assert SNAPSHOT_SLOTS < 1 << 12
+
+
 def make_fh(inode: int, direct: bool, column: int, slot: int | None, serial: int, pid: int) -> int:
-    """inode (8 bits) | direct (1) | serving column (4) | snapshot slot + 1 (9) | serial (19) | pid (22,
+    """inode (8 bits) | direct (1) | serving column (4) | snapshot slot + 1 (12) | serial (16) | pid (22,
     the kernel's pid_max limit). Bit 63 stays clear: handles are stored in signed 64-bit shared cells."""
     slot_bits = 0 if slot is None else slot + 1
-    return inode | direct << 8 | column << 9 | slot_bits << 13 | (serial & 0x7FFFF) << 22 | pid << 41
+    return inode | direct << 8 | column << 9 | slot_bits << 13 | (serial & 0xFFFF) << 25 | pid << 41
 
 
 class PmemOperations(pyfuse3.Operations):
@@ -111,6 +143,8 @@ class PmemOperations(pyfuse3.Operations):
         self._mount_ns = time.time_ns()
         # References of a read whose reply still points into the mapping: dropped once it is sent.
         self._in_flight = registry.in_flight
+        # Where unexpected errors were logged with their traceback: each place once, then counted.
+        self._logged: set[tuple[str, str, str]] = set()
 
     def init(self) -> None:
         # pyfuse3 calls this while it answers FUSE_INIT; serving processes fork only after it.
@@ -126,8 +160,28 @@ class PmemOperations(pyfuse3.Operations):
         totals = self.registry.shared.counter_totals()
         return {name: totals[name] for name in IO_COUNTERS}
 
+    def open_data_files(self) -> int:
+        """pmem0/dax0 handles open now, over all serving processes (a mapping holds one until unmapped)."""
+        totals = self.registry.shared.counter_totals()
+        return totals["data_opens"] - totals["data_releases"]
+
     def _count(self, counter: int, n: int = 1) -> None:
         self.registry.counter_row[counter] += n
+
+    def _fuse_error(self, handler: str, err: Exception) -> pyfuse3.FUSEError:
+        """What a request that raised ``err`` answers; an unexpected error is logged, each place once."""
+        self._count(ERRORS)
+        if isinstance(err, PmemfsError):
+            return pyfuse3.FUSEError(err.errno)
+        self._count(INTERNAL_ERRORS)
+        frame = traceback.extract_tb(err.__traceback__)[-1] if err.__traceback__ else None
+        where = (handler, type(err).__name__, f"{frame.filename}:{frame.lineno}" if frame else "?")
+        if where not in self._logged:
+            self._logged.add(where)
+            log.error("unexpected error in %s: the request gets an error, serving goes on", handler, exc_info=err)
+        if isinstance(err, MemoryError):
+            return pyfuse3.FUSEError(errno.ENOMEM)
+        return pyfuse3.FUSEError(err.errno if isinstance(err, OSError) and err.errno in PASSED_ERRNOS else errno.EIO)
 
     def _handle(self, fh: int) -> OpenFile:
         handle = self._open.get(fh)
@@ -142,20 +196,15 @@ class PmemOperations(pyfuse3.Operations):
         self._serial += 1
         return make_fh(inode, direct, self.registry.column, slot, self._serial, pid)
 
-    def _new_control_fh(self, inode: int, pid: int) -> int:
+    def _new_control_fh(self, inode: int, pid: int, content: bytes) -> int:
+        """A handle for a control file whose reads show ``content``, whichever process serves them."""
         shared = self.registry.shared
-        slot = shared.take_snapshot_slot(self.registry.column)
+        slot = shared.claim_snapshot_slot()
+        if slot is None:
+            raise pyfuse3.FUSEError(errno.ENFILE)  # every snapshot slot is held by an open control file
         fh = self._new_fh(inode, True, pid, slot=slot)
-        if slot is not None:
-            shared.store_snapshot(slot, fh, b"")  # taken from now on, not at its first read
+        shared.store_snapshot(slot, fh, content)
         return fh
-
-    def _keep_snapshot(self, fh: int, handle: OpenFile, data: bytes) -> None:
-        """Remember what a control read showed, here and for the other serving processes."""
-        handle.snapshot = data
-        slot = OpenFile.snapshot_slot(fh)
-        if slot is not None:
-            self.registry.shared.store_snapshot(slot, fh, data)
 
     # Namespace
     def _attributes(self, inode: int) -> pyfuse3.EntryAttributes:
@@ -180,9 +229,11 @@ class PmemOperations(pyfuse3.Operations):
         attrs.attr_timeout = attrs.entry_timeout = ATTR_TIMEOUT_S
         return attrs
 
+    @_guarded
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
         return self._attributes(inode)
 
+    @_guarded
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
     ) -> pyfuse3.EntryAttributes:
@@ -205,22 +256,26 @@ class PmemOperations(pyfuse3.Operations):
         except KeyError:
             raise pyfuse3.FUSEError(errno.ENOENT) from None
 
+    @_guarded
     async def setattr(self, inode, attr, fields, fh, ctx):  # type: ignore[no-untyped-def]
         # Like a block device: the size is the device's, anything else (times, mode) is accepted and ignored.
         if fields.update_size and not (inode in DATA_FILES and attr.st_size == self.data_size):
             raise pyfuse3.FUSEError(errno.EINVAL)
         return self._attributes(inode)
 
+    @_guarded
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         self._entries(inode)
         return inode
 
+    @_guarded
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         entries = list(self._entries(fh).items())
         for index, (name, inode) in enumerate(entries[start_id:], start=start_id + 1):
             if not pyfuse3.readdir_reply(token, name, self._attributes(inode), index):
                 break
 
+    @_guarded
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         data = pyfuse3.StatvfsData()
         data.f_bsize = data.f_frsize = PAGE_SIZE
@@ -230,23 +285,31 @@ class PmemOperations(pyfuse3.Operations):
         return data
 
     # Files
+    @_guarded
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         self.registry.end_transfers()
         if inode in DATA_FILES:
+            # Counted before the device reference is looked at, as a transfer takes its reference
+            # before it looks at the gate: a teardown that kills the reference and then counts open
+            # files (membarrier in between) sees this open, or this open sees the reference dead.
+            self._count(DATA_OPENS)
+            if not self.registry.alive:
+                self._count(DATA_RELEASES)
+                self.registry.count_refused()
+                raise pyfuse3.FUSEError(errno.ENXIO)  # the device is going away, as a removed disk
             # O_TRUNC is ignored, as a block device ignores it, so `dd of=pmem0` keeps the media.
             direct = bool(flags & os.O_DIRECT) and inode == PMEM0_INODE
             # keep_cache=False: each buffered open sees what O_DIRECT writers stored meanwhile.
             return pyfuse3.FileInfo(fh=self._new_fh(inode, direct, ctx.pid), direct_io=direct, keep_cache=False)
         if inode == PIN_INODE:
-            fh = self._new_control_fh(inode, ctx.pid)
+            fh = self._new_control_fh(inode, ctx.pid, b"")
             self.sessions.open(self._handle(fh).session)  # type: ignore[arg-type]
             return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
         if inode in self._control:
             control = self._control[inode]
             if flags & os.O_ACCMODE != os.O_RDONLY and control.store is None:
                 raise pyfuse3.FUSEError(errno.EACCES)
-            fh = self._new_control_fh(inode, ctx.pid)
-            self._keep_snapshot(fh, self._handle(fh), self._render(control.render))
+            fh = self._new_control_fh(inode, ctx.pid, control.render())
             return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
         raise pyfuse3.FUSEError(errno.EISDIR if inode in (pyfuse3.ROOT_INODE, CONTROL_DIR_INODE) else errno.ENOENT)
 
@@ -259,77 +322,66 @@ class PmemOperations(pyfuse3.Operations):
         """A control file's content for a read. A control file shows what it held at open; a pin
         session lists its pins afresh at every read at offset 0. Later reads of either continue
         the same snapshot, whichever serving process rendered it."""
-        if handle.session is not None and off == 0:
-            self._keep_snapshot(fh, handle, self._render(lambda: self.sessions.listing(handle.session)))  # type: ignore[arg-type]
+        shared = self.registry.shared
         slot = OpenFile.snapshot_slot(fh)
-        if slot is not None:
-            shared = self.registry.shared.load_snapshot(slot, fh)
-            if shared is not None:
-                return shared
-        if handle.snapshot is None or handle.session is not None:
-            # No shared slot: render anew (a session's listing only changes by its own commands).
-            if handle.session is not None:
-                handle.snapshot = self._render(lambda: self.sessions.listing(handle.session))  # type: ignore[arg-type]
-            else:
-                handle.snapshot = self._render(self._control[handle.inode].render)
-        return handle.snapshot
-
-    @staticmethod
-    def _render(render: Callable[[], bytes]) -> bytes:
-        """A control file's content, or EIO: a failing render must not take a serving process down
-        (pyfuse3 lets anything but FUSEError out of its loop)."""
-        try:
-            return render()
-        except Exception:
-            log.exception("rendering a control file failed")
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        if slot is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        if handle.session is not None and off == 0:
+            shared.store_snapshot(slot, fh, self.sessions.listing(handle.session))
+        snapshot = shared.load_snapshot(slot, fh)
+        if snapshot is None:
+            raise pyfuse3.FUSEError(errno.EBADF)  # released meanwhile
+        return snapshot
 
     # pyfuse3 replies with any contiguous buffer, so a view of the mapping saves a copy.
     async def read(self, fh: int, off: int, size: int) -> memoryview | bytes:  # type: ignore[override]
-        if self._in_flight:
-            self.registry.end_transfers()
-        handle = self._open.get(fh) or self._handle(fh)
-        if not handle.file_code:
-            return self._snapshot(fh, handle, off)[off : off + size]
-        self._check_transfer(handle, off, size)
-        if off >= self.data_size or size == 0:
-            return b""
-        size = min(size, self.data_size - off)
         try:
+            if self._in_flight:
+                self.registry.end_transfers()
+            handle = self._open.get(fh) or self._handle(fh)
+            if not handle.file_code:
+                return self._snapshot(fh, handle, off)[off : off + size]
+            self._check_transfer(handle, off, size)
+            if off >= self.data_size or size == 0:
+                return b""
+            size = min(size, self.data_size - off)
             if self.badblocks.changed_or_bad():
                 self.badblocks.check_read(off, size)
             if self.track_references:
                 # The reply is copied out of the mapping after we return: the reference lasts until
                 # the serving loop is about to read the next request (end_transfers).
                 self.registry.begin_transfer(handle.direct, handle.pid, handle.file_code, off, size)
-        except PmemfsError as err:
-            self._count(ERRORS)
-            raise pyfuse3.FUSEError(err.errno) from None
-        ctr = self.registry.counter_row
-        ctr[READS] += 1
-        ctr[READ_BYTES] += size
-        if handle.direct:
-            ctr[DIRECT_READS] += 1
-        return self.region.read(off, size)
+            ctr = self.registry.counter_row
+            ctr[READS] += 1
+            ctr[READ_BYTES] += size
+            if handle.direct:
+                ctr[DIRECT_READS] += 1
+            return self.region.read(off, size)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception as err:
+            raise self._fuse_error("read", err) from None
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        if self._in_flight:
-            self.registry.end_transfers()
-        handle = self._open.get(fh) or self._handle(fh)
-        if not handle.file_code:
-            return self._control_write(handle, buf)
-        size = len(buf)
-        self._check_transfer(handle, off, size)
-        if off >= self.data_size:
-            self._count(ERRORS)
-            raise pyfuse3.FUSEError(errno.ENOSPC)
-        if off + size > self.data_size:
-            # A write across the end is short, as on /dev/pmemN; the next one gets ENOSPC.
-            size = self.data_size - off
-            buf = memoryview(buf)[:size]  # type: ignore[assignment]
         try:
-            if self.badblocks.changed_or_bad():
-                self.badblocks.clear_for_write(off, size)
+            if self._in_flight:
+                self.registry.end_transfers()
+            handle = self._open.get(fh) or self._handle(fh)
+            if not handle.file_code:
+                return self._control_write(handle, buf)
+            size = len(buf)
+            self._check_transfer(handle, off, size)
+            if off >= self.data_size:
+                self._count(ERRORS)
+                raise pyfuse3.FUSEError(errno.ENOSPC)
+            if off + size > self.data_size:
+                # A write across the end is short, as on /dev/pmemN; the next one gets ENOSPC.
+                size = self.data_size - off
+                buf = memoryview(buf)[:size]  # type: ignore[assignment]
+            # A write clears the poisoned sectors it covers only once its store has happened: one
+            # that fails (ENXIO, EBUSY, ENOSPC) leaves the poison where it was. One that covers a
+            # bad sector only in part fails before anything is stored.
+            poisoned = self.badblocks.changed_or_bad() and self.badblocks.check_write(off, size)
             if self.track_references:
                 self.registry.begin_transfer(handle.direct, handle.pid, handle.file_code, off, size)
                 try:
@@ -338,43 +390,46 @@ class PmemOperations(pyfuse3.Operations):
                     self.registry.end_transfers()
             else:
                 self.region.write(off, buf)
-        except PmemfsError as err:
-            self._count(ERRORS)
-            raise pyfuse3.FUSEError(err.errno) from None
-        ctr = self.registry.counter_row
-        ctr[WRITES] += 1
-        ctr[WRITE_BYTES] += size
-        if handle.direct:
-            ctr[DIRECT_WRITES] += 1
-        return size
+            if poisoned:
+                self.badblocks.clear_written(off, size)
+            ctr = self.registry.counter_row
+            ctr[WRITES] += 1
+            ctr[WRITE_BYTES] += size
+            if handle.direct:
+                ctr[DIRECT_WRITES] += 1
+            return size
+        except pyfuse3.FUSEError:
+            raise
+        except Exception as err:
+            raise self._fuse_error("write", err) from None
 
     def _control_write(self, handle: OpenFile, buf: bytes) -> int:
-        try:
-            if handle.session is not None:
-                self.sessions.command(handle.session, buf.decode(errors="replace"))
-            else:
-                control = self._control.get(handle.inode)
-                if control is None or control.store is None:
-                    raise pyfuse3.FUSEError(errno.EBADF)
-                control.store(buf)
-        except PmemfsError as err:
-            raise pyfuse3.FUSEError(err.errno) from None
+        if len(buf) > CONTROL_WRITE_MAX:
+            raise pyfuse3.FUSEError(errno.EINVAL)  # no command or sysfs line is that long
+        if handle.session is not None:
+            self.sessions.command(handle.session, buf.decode(errors="replace"))
+        else:
+            control = self._control.get(handle.inode)
+            if control is None or control.store is None:
+                raise pyfuse3.FUSEError(errno.EBADF)
+            control.store(buf)
         return len(buf)
 
+    @_guarded
     async def fsync(self, fh: int, datasync: bool) -> None:
         self._count(FSYNCS)
-        try:
-            self.region.flush()
-        except OSError as err:
-            self._count(ERRORS)
-            raise pyfuse3.FUSEError(err.errno or errno.EIO) from None
+        self.region.flush()
 
+    @_guarded
     async def flush(self, fh: int) -> None:
         pass
 
+    @_guarded
     async def release(self, fh: int) -> None:
         self.registry.end_transfers()
         handle = self._open.pop(fh, None) or OpenFile.from_fh(fh)
+        if handle.file_code:
+            self._count(DATA_RELEASES)
         slot = OpenFile.snapshot_slot(fh)
         if slot is not None:
             self.registry.shared.free_snapshot(slot, fh)

@@ -3,20 +3,22 @@
 map=dev: the altmap carve-out of the image, 64 bytes a page right after the info block, as the
 kernel places its struct pages. map=mem: a shared DRAM mapping (nothing survives the daemon).
 The carve-out is volatile like the kernel's memmap: at mount its contents are only reported
-(references left by the daemon that died, proved by the epoch) and then reset in bulk.
+(references left by the daemon that died, proved by the epoch) and then reset in bulk. When the
+image's filesystem is full, records that cannot be allocated there go to a DRAM spill (pages.py).
 """
 
 from __future__ import annotations
 
 import logging
 import mmap
+from collections.abc import Callable
 
 import numpy as np
 
 from .infoblock import PAGE_SIZE, RESERVED_HEAD
 from .pages import CHUNK_PAGES, RECORD_DTYPE, PageRegistry
 from .region import Region
-from .shared import SharedState
+from .shared import MAP_NORESERVE, SharedState
 
 log = logging.getLogger("pmemfs")
 MEMMAP_OFFSET = RESERVED_HEAD
@@ -29,13 +31,20 @@ def memmap_span(region: Region) -> tuple[int, int]:
 
 
 def open_registry(
-    region: Region, previous_epoch: int, epoch: int, shared: SharedState | None = None
+    region: Region,
+    previous_epoch: int,
+    epoch: int,
+    shared: SharedState | None = None,
+    progress: Callable[[int, int], None] = lambda done, total: None,
 ) -> tuple[PageRegistry, list[dict[str, int]]]:
-    """Attach a registry for this mount; return it and the stale references it found and cleared."""
+    """Attach a registry for this mount; return it and the stale references it found.
+
+    Nothing is written here: the mount may still fail, and a failed mount leaves the image as it
+    was. Call :func:`reset_records` once the mount is committed (after ``mark_dirty``).
+    """
     npfns = region.geometry.npfns
     if region.geometry.map == "mem":
-        dram = mmap.mmap(-1, npfns * RECORD_DTYPE.itemsize, flags=mmap.MAP_SHARED)
-        return PageRegistry(np.frombuffer(dram, dtype=RECORD_DTYPE), epoch=epoch, shared=shared), []
+        return PageRegistry(_dram_records(npfns), epoch=epoch, shared=shared), []
 
     start, end = memmap_span(region)
     records = region.image[start : start + npfns * RECORD_DTYPE.itemsize].view(type=np.ndarray, dtype=RECORD_DTYPE)
@@ -44,21 +53,25 @@ def open_registry(
         offset = start + chunk * CHUNK_PAGES * RECORD_DTYPE.itemsize
         region.allocate(offset, min(CHUNK_PAGES * RECORD_DTYPE.itemsize, end - offset))
 
-    registry = PageRegistry(records, epoch=epoch, back_chunk=back_chunk, shared=shared)
+    registry = PageRegistry(records, epoch=epoch, back_chunk=back_chunk, spill=_dram_records(npfns), shared=shared)
     extents = [
-        ((lo - start) // RECORD_DTYPE.itemsize, -(-(hi - start) // RECORD_DTYPE.itemsize))
+        ((lo - start) // RECORD_DTYPE.itemsize, min(-(-(hi - start) // RECORD_DTYPE.itemsize), npfns))
         for lo, hi in region.extents(start, end)
     ]
-    stale = registry.stale_ranges(previous_epoch, [(lo, min(hi, npfns)) for lo, hi in extents])
+    stale = registry.stale_ranges(previous_epoch, extents, progress)
     if stale:
         pages = sum(r["npages"] for r in stale)
         log.warning("the daemon that died left %d referenced page(s) in the memmap: %s", pages, stale[:20])
         registry.trace(
             "reset", 0, "", 0, pages, f"stale references from the previous daemon cleared: {len(stale)} range(s)"
         )
-    if extents:
-        reset_records(region)
     return registry, stale
+
+
+def _dram_records(npfns: int) -> np.ndarray:
+    """Records in shared DRAM: pages are taken only where records are used."""
+    dram = mmap.mmap(-1, npfns * RECORD_DTYPE.itemsize, flags=mmap.MAP_SHARED | MAP_NORESERVE)
+    return np.frombuffer(dram, dtype=RECORD_DTYPE)
 
 
 def reset_records(region: Region) -> None:

@@ -5,10 +5,17 @@ adds ``GUP_PIN_COUNTING_BIAS`` (FOLL_PIN), and a page is "maybe DMA pinned" from
 Records are 64 bytes a page (``page_struct_size``): an epoch that proves which daemon wrote them,
 and one signed counter column per serving process, so each process writes only its own column
 and a page's refcount is the sum of its row. Every operation works on whole ranges with numpy.
+
+Records are backed (allocated in the image, stamped with the epoch) one page of records, 64 data
+pages, at a time, when a reference first needs them. When the image's filesystem is full, a
+chunk's records live in a shared DRAM twin of the array instead (the spill): a reference, and so a
+read, never fails for want of space for its record. ``backed`` says where each chunk lives; it
+changes once per mount, from unbacked to one or the other, under BACKING_LOCK.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import enum
 import errno
@@ -21,9 +28,10 @@ from typing import NamedTuple
 import numpy as np
 
 from . import membarrier
-from .errors import DeviceGone, PageBusy, PmemfsError, UnbalancedPut
-from .infoblock import PAGE_SHIFT
+from .errors import DeviceGone, NoSpace, PageBusy, PmemfsError, UnbalancedPut
+from .infoblock import PAGE_SHIFT, PAGE_SIZE
 from .shared import (
+    BACKING_LOCK,
     COUNTER,
     DEVICE_ALIVE,
     DEVICE_KILLER,
@@ -53,9 +61,17 @@ ZEROING_POLL_S = 0.0002
 RECORD_DTYPE = np.dtype([("epoch", "<u4"), ("flags", "<u4"), ("refs", "<i4", (NCOLUMNS,))])
 REFS_OFFSET = 8
 assert RECORD_DTYPE.itemsize == 64 and RECORD_DTYPE.fields is not None and RECORD_DTYPE.fields["refs"][1] == REFS_OFFSET
-# Records are backed (allocated in the image, stamped with the epoch) this many pages at a time,
-# and only backed chunks are scanned when listing references.
-CHUNK_PAGES = 32768  # 2 MiB of records
+# Records are backed a page of records at a time (see the module's doc); only backed chunks are
+# read when listing references, so a query never faults in (or, on tmpfs, allocates) a hole.
+CHUNK_PAGES = PAGE_SIZE // RECORD_DTYPE.itemsize
+CHUNK_SHIFT = CHUNK_PAGES.bit_length() - 1
+assert 1 << CHUNK_SHIFT == CHUNK_PAGES
+UNBACKED, IN_IMAGE, SPILLED = 0, 1, 2
+# Queries read this many chunks of records at a time (1M pages, 64 MiB): bounded memory on any device.
+QUERY_BATCH_CHUNKS = 16384
+# The stale-reference scan at mount reads the carve-out this many records at a time.
+SCAN_BATCH_PAGES = 1 << 20
+_CHUNK_OFFSETS = np.arange(CHUNK_PAGES)
 FILES = ("", "pmem0", "dax0")
 WHATS = (
     "",
@@ -163,14 +179,20 @@ class PageRegistry:
         epoch: int,
         column: int = 0,
         back_chunk: Callable[[int], None] | None = None,
+        spill: np.ndarray | None = None,
         shared: SharedState | None = None,
     ) -> None:
+        """``back_chunk(chunk)`` allocates a chunk's records in the image (raising NoSpace when it
+        cannot); then ``spill``, an array like ``records`` in shared DRAM, holds them instead."""
         assert records.dtype == RECORD_DTYPE
         self.records = records
         self.npfns = len(records)
         self.epoch = epoch
         self._refs = records["refs"]
         self._back_chunk = back_chunk
+        self._spill = records if spill is None else spill
+        assert self._spill.dtype == RECORD_DTYPE and len(self._spill) == self.npfns
+        self._spill_refs = self._spill["refs"]
         self.shared = shared or SharedState(chunks_for(self.npfns))
         assert len(self.shared.backed) >= chunks_for(self.npfns)
         self._flags = self.shared.flag_cells()
@@ -185,8 +207,10 @@ class PageRegistry:
         assert 0 <= column < NCOLUMNS
         self.column = column
         self._own = self._refs[:, column]
+        self._spill_own = self._spill_refs[:, column]
         # Single pages (most 4k transfers) go through a memoryview: a tenth of numpy's scalar cost.
         self._words = self.records.view(np.int32).reshape(-1).data
+        self._spill_words = self._spill.view(np.int32).reshape(-1).data
         self._own_word = REFS_OFFSET // 4 + column
         self._backed = self.shared.backed
         self._backed_bytes = self._backed.data
@@ -222,36 +246,69 @@ class PageRegistry:
         self.counter_row[NR_REFUSED] += 1
 
     def page_ref_count(self, pfn: int) -> int:
-        return int(self._refs[pfn].sum())
+        return int(self.refcounts(pfn, 1)[0])
 
     def page_maybe_dma_pinned(self, pfn: int) -> bool:
         return self.page_ref_count(pfn) >= GUP_PIN_COUNTING_BIAS
 
     def refcounts(self, pfn: int, npages: int) -> np.ndarray:
-        return self._refs[pfn : pfn + npages].sum(axis=1)
+        """The refcounts of [pfn, pfn + npages): the sums of every column, wherever the records live."""
+        return self._values(pfn, npages, None)
+
+    def _values(self, pfn: int, npages: int, column: int | None) -> np.ndarray:
+        """Refcounts (column None) or one column's counts over a range; unbacked records count 0
+        and are never read."""
+        first, last = pfn >> CHUNK_SHIFT, (pfn + npages - 1) >> CHUNK_SHIFT
+        states = self._backed[first : last + 1]
+        values = np.zeros(npages, dtype=np.int64)
+        for state, refs in ((IN_IMAGE, self._refs), (SPILLED, self._spill_refs)):
+            for c0, c1 in _runs(np.flatnonzero(states == state) + first):
+                lo, hi = max(pfn, c0 * CHUNK_PAGES), min(pfn + npages, c1 * CHUNK_PAGES)
+                block = refs[lo:hi]
+                values[lo - pfn : hi - pfn] = block.sum(axis=1) if column is None else block[:, column]
+        return values
+
+    def _own_for(self, chunk: int) -> np.ndarray:
+        return self._own if self._backed_bytes[chunk] == IN_IMAGE else self._spill_own
 
     def _add(self, pfn: int, npages: int, delta: int) -> None:
+        first, last = pfn >> CHUNK_SHIFT, (pfn + npages - 1) >> CHUNK_SHIFT
         if npages == 1:
-            if not self._backed_bytes[pfn // CHUNK_PAGES]:
-                self._back(pfn // CHUNK_PAGES, pfn // CHUNK_PAGES)
-            self._words[pfn * 16 + self._own_word] += delta
+            if not self._backed_bytes[first]:
+                self._back(first, first)
+            words = self._words if self._backed_bytes[first] == IN_IMAGE else self._spill_words
+            words[pfn * 16 + self._own_word] += delta
             return
-        first, last = pfn // CHUNK_PAGES, (pfn + npages - 1) // CHUNK_PAGES
-        if not self._backed[first : last + 1].all():
+        states = self._backed[first : last + 1]
+        if not states.all():
             self._back(first, last)
-        self._own[pfn : pfn + npages] += delta
+        self._apply(pfn, npages, delta, first, last)
+
+    def _apply(self, pfn: int, npages: int, delta: int, first: int, last: int) -> None:
+        """Add ``delta`` to this column over a range whose records are all backed."""
+        states = self._backed[first : last + 1]
+        if (states == IN_IMAGE).all():
+            self._own[pfn : pfn + npages] += delta
+        elif (states == SPILLED).all():
+            self._spill_own[pfn : pfn + npages] += delta
+        else:
+            for chunk in range(first, last + 1):
+                lo, hi = max(pfn, chunk * CHUNK_PAGES), min(pfn + npages, (chunk + 1) * CHUNK_PAGES)
+                self._own_for(chunk)[lo:hi] += delta
 
     def _sub(self, pfn: int, npages: int, delta: int) -> None:
-        if npages == 1:
-            index = pfn * 16 + self._own_word
-            # Fast path: this process took the reference it drops. Otherwise another process may have.
-            if self._words[index] >= delta or self.page_ref_count(pfn) >= delta:
-                self._words[index] -= delta
-                return
-        else:
-            own = self._own[pfn : pfn + npages]
-            if own.min() >= delta or (self.refcounts(pfn, npages) >= delta).all():
-                own -= delta
+        first, last = pfn >> CHUNK_SHIFT, (pfn + npages - 1) >> CHUNK_SHIFT
+        # Unbacked records hold no reference: nothing to drop there (and nothing to read).
+        if self._backed[first : last + 1].all():
+            if npages == 1:
+                words = self._words if self._backed_bytes[first] == IN_IMAGE else self._spill_words
+                index = pfn * 16 + self._own_word
+                # Fast path: this process took the reference it drops. Otherwise another process may have.
+                if words[index] >= delta or self.page_ref_count(pfn) >= delta:
+                    words[index] -= delta
+                    return
+            elif self._values(pfn, npages, self.column).min() >= delta or (self.refcounts(pfn, npages) >= delta).all():
+                self._apply(pfn, npages, -delta, first, last)
                 return
         self.counter_row[NR_UNBALANCED] += 1
         bad = pfn + int(np.flatnonzero(self.refcounts(pfn, npages) < delta)[0])
@@ -259,12 +316,22 @@ class PageRegistry:
         raise UnbalancedPut(f"unbalanced put of {delta} on page {bad} (refcount {self.page_ref_count(bad)})")
 
     def _back(self, first_chunk: int, last_chunk: int) -> None:
-        for chunk in np.flatnonzero(self._backed[first_chunk : last_chunk + 1] == 0) + first_chunk:
-            if self._back_chunk is not None:
-                self._back_chunk(int(chunk))
-            lo = int(chunk) * CHUNK_PAGES
-            self.records["epoch"][lo : lo + CHUNK_PAGES] = self.epoch
-            self._backed[chunk] = 1
+        """Back the unbacked chunks of records in [first_chunk, last_chunk]: in the image, or, when
+        its filesystem is full, in the spill. Under a lock: two processes must not back one chunk
+        in different places (references taken in one would be invisible in the other)."""
+        with self.shared.locked(BACKING_LOCK):
+            for chunk in np.flatnonzero(self._backed[first_chunk : last_chunk + 1] == UNBACKED) + first_chunk:
+                state = IN_IMAGE
+                if self._back_chunk is not None:
+                    try:
+                        self._back_chunk(int(chunk))
+                    except NoSpace:
+                        state = SPILLED
+                lo = int(chunk) * CHUNK_PAGES
+                # The epoch proves to the next mount that a record is ours; the spill dies with us.
+                if state == IN_IMAGE:
+                    self.records["epoch"][lo : lo + CHUNK_PAGES] = self.epoch
+                self._backed[chunk] = state
 
     # Holders: each reference taken for a client knows who took it, in the shared holder table.
     def take(self, kind: Kind, pid: int, file: str, pfn: int, npages: int, *, session: int = 0) -> Holder:
@@ -339,37 +406,55 @@ class PageRegistry:
         membarrier.barrier()  # a transfer's reference, or its sight of the gate: never neither
         self.trace("teardown", 0, "", 0, 0, "device reference killed: new pins fail with ENXIO")
 
-    def revive(self, killer: int | None = None) -> None:
-        """Make the device reference live again; with ``killer``, only if that session killed it."""
+    def revive(self, killer: int | None = None) -> bool:
+        """Make the device reference live again; with ``killer``, only if that session killed it.
+        Return whether it is alive now."""
         with self.shared.locked(FLAGS_LOCK):
-            if self.alive or (killer is not None and self._flags[DEVICE_KILLER] != killer):
-                return
+            if self.alive:
+                return True
+            if killer is not None and self._flags[DEVICE_KILLER] != killer:
+                return False
             self._flags[DEVICE_KILLER] = 0
             self._flags[DEVICE_ALIVE] = 1
             self._flag_bytes[GATE_DEVICE_DEAD] = 0
         self.trace("revive", 0, "", 0, 0, "device reference revived")
+        return True
 
     # Queries.
+    def _scan(self, pfn_lo: int = 0, pfn_hi: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(pfns, refcounts) of the backed records within [pfn_lo, pfn_hi), in pfn order, a bounded
+        batch at a time: the cost follows what was ever referenced, not the size of the device."""
+        pfn_hi = self.npfns if pfn_hi is None else min(pfn_hi, self.npfns)
+        if pfn_hi <= pfn_lo:
+            return
+        first, end = pfn_lo >> CHUNK_SHIFT, ((pfn_hi - 1) >> CHUNK_SHIFT) + 1
+        chunks = np.flatnonzero(self._backed[first:end]) + first
+        for i in range(0, len(chunks), QUERY_BATCH_CHUNKS):
+            pfns = (chunks[i : i + QUERY_BATCH_CHUNKS, None] * CHUNK_PAGES + _CHUNK_OFFSETS).ravel()
+            pfns = pfns[(pfns >= pfn_lo) & (pfns < pfn_hi)]
+            states = self._backed[pfns >> CHUNK_SHIFT]
+            counts = np.zeros(len(pfns), dtype=np.int64)
+            for state, refs in ((IN_IMAGE, self._refs), (SPILLED, self._spill_refs)):
+                where = states == state
+                if where.any():
+                    counts[where] = refs[pfns[where]].sum(axis=1)
+            yield pfns, counts
+
     def referenced_ranges(self) -> list[dict[str, int]]:
-        """Runs of pages with the same nonzero refcount, scanning only chunks that were ever backed."""
+        """Runs of pages with the same nonzero refcount, reading only records that were ever backed."""
         ranges: list[dict[str, int]] = []
-        for chunk in np.flatnonzero(self._backed):
-            lo = int(chunk) * CHUNK_PAGES
-            counts = self.refcounts(lo, min(CHUNK_PAGES, self.npfns - lo))
-            edges = np.flatnonzero(np.diff(counts, prepend=0, append=0))
-            for start, end in zip(edges[:-1], edges[1:], strict=False):
-                count = int(counts[start])
-                if count:
-                    _extend_or_append(ranges, lo + int(start), lo + int(end), count)
+        for pfns, counts in self._scan():
+            busy = counts != 0
+            _append_runs(ranges, pfns[busy], counts[busy])
         return ranges
 
     def first_busy_page(self, pfn: int, npages: int) -> int | None:
         """The first page of the range that someone references (``dax_layout_busy_page``), else None."""
-        first, last = pfn // CHUNK_PAGES, (pfn + npages - 1) // CHUNK_PAGES
-        if not self._backed[first : last + 1].any():
-            return None
-        busy = np.flatnonzero(self.refcounts(pfn, npages))
-        return pfn + int(busy[0]) if len(busy) else None
+        for pfns, counts in self._scan(pfn, pfn + npages):
+            busy = np.flatnonzero(counts)
+            if len(busy):
+                return int(pfns[busy[0]])
+        return None
 
     def statistics(self) -> dict[str, object]:
         ranges = self.referenced_ranges()
@@ -427,7 +512,7 @@ class PageRegistry:
         pfn = off >> PAGE_SHIFT
         npages = ((off + size - 1) >> PAGE_SHIFT) - pfn + 1
         delta = GUP_PIN_COUNTING_BIAS if pin else 1
-        if npages == 1 and self._backed_bytes[pfn // CHUNK_PAGES]:
+        if npages == 1 and self._backed_bytes[pfn >> CHUNK_SHIFT] == IN_IMAGE:
             self._words[pfn * 16 + self._own_word] += delta
         else:
             self._add(pfn, npages, delta)
@@ -495,29 +580,76 @@ class PageRegistry:
             else:
                 delta = 1
                 self.counter_row[NR_PUT_PAGE] += npages
-            index = pfn * 16 + self._own_word
-            left = self._words[index] - delta
-            if npages == 1 and left >= 0:
-                self._words[index] = left
+            # The image's records are read only where they are backed: a hole may be unreadable
+            # (a full tmpfs) and reading it would allocate it (any tmpfs).
+            if npages == 1 and self._backed_bytes[pfn >> CHUNK_SHIFT] == IN_IMAGE:
+                index = pfn * 16 + self._own_word
+                left = self._words[index] - delta
+                if left >= 0:
+                    self._words[index] = left
+                else:
+                    self._sub(pfn, npages, delta)
             else:
                 self._sub(pfn, npages, delta)
             if self._flags[IO_GATE] and self._flags[TRACE_IO]:
                 self._record(time.time_ns(), WHAT_UNPIN if pin else WHAT_PUT, pid, file, pfn, npages)
 
     # Reset after a daemon that died.
-    def stale_ranges(self, previous_epoch: int, pfn_extents: list[tuple[int, int]]) -> list[dict[str, int]]:
+    def stale_ranges(
+        self,
+        previous_epoch: int,
+        pfn_extents: list[tuple[int, int]],
+        progress: Callable[[int, int], None] = lambda done, total: None,
+    ) -> list[dict[str, int]]:
         """Referenced ranges left by the daemon of ``previous_epoch`` within ``pfn_extents`` (the
-        records that are allocated at all); records written by anyone else are not ours and ignored."""
+        records that are allocated at all); records written by anyone else are not ours and ignored.
+        ``progress(records done, records in all)`` is called after each batch."""
         ranges: list[dict[str, int]] = []
+        total, done = sum(hi - lo for lo, hi in pfn_extents), 0
         for extent_lo, extent_hi in pfn_extents:
-            for lo in range(extent_lo, extent_hi, CHUNK_PAGES):
-                block = self.records[lo : min(lo + CHUNK_PAGES, extent_hi)]
+            for lo in range(extent_lo, extent_hi, SCAN_BATCH_PAGES):
+                hi = min(lo + SCAN_BATCH_PAGES, extent_hi)
+                block = self.records[lo:hi]
                 counts = np.where(block["epoch"] == previous_epoch, block["refs"].sum(axis=1), 0)
-                edges = np.flatnonzero(np.diff(counts, prepend=0, append=0))
-                for start, end in zip(edges[:-1], edges[1:], strict=False):
-                    if counts[start]:
-                        _extend_or_append(ranges, lo + int(start), lo + int(end), int(counts[start]))
+                busy = np.flatnonzero(counts)
+                _append_runs(ranges, busy + lo, counts[busy])
+                done += hi - lo
+                progress(done, total)
         return ranges
+
+
+def holders_by_range(ranges: list[dict[str, int]], holders: list[Holder]) -> list[list[int]]:
+    """For each referenced range (disjoint, sorted), the indices of the holders overlapping it:
+    O(H log R + the answer), not a scan of every holder for every range."""
+    starts = [r["pfn"] for r in ranges]
+    found: list[list[int]] = [[] for _ in ranges]
+    for index, holder in enumerate(holders):
+        end = holder.pfn + holder.npages
+        i = max(bisect.bisect_right(starts, holder.pfn) - 1, 0)
+        while i < len(ranges) and starts[i] < end:
+            if holder.pfn < starts[i] + ranges[i]["npages"]:
+                found[i].append(index)
+            i += 1
+    return found
+
+
+def _runs(indices: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) runs of consecutive values in a sorted index array."""
+    if not len(indices):
+        return []
+    breaks = np.flatnonzero(np.diff(indices) != 1) + 1
+    starts, ends = indices[np.r_[0, breaks]], indices[np.r_[breaks - 1, len(indices) - 1]] + 1
+    return list(zip(starts.tolist(), ends.tolist(), strict=True))
+
+
+def _append_runs(ranges: list[dict[str, int]], pfns: np.ndarray, counts: np.ndarray) -> None:
+    """Append runs of consecutive pages with equal refcount (pfns sorted, all counts nonzero)."""
+    if not len(pfns):
+        return
+    breaks = np.flatnonzero((np.diff(pfns) != 1) | (np.diff(counts) != 0)) + 1
+    starts, ends = np.r_[0, breaks], np.r_[breaks, len(pfns)]
+    for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
+        _extend_or_append(ranges, int(pfns[start]), int(pfns[end - 1]) + 1, int(counts[start]))
 
 
 def _extend_or_append(ranges: list[dict[str, int]], start: int, end: int, refcount: int) -> None:

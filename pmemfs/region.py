@@ -6,8 +6,6 @@ This is the only module that touches the backing file. It knows nothing of FUSE.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import dataclasses
 import errno
 import fcntl
@@ -19,25 +17,20 @@ from collections.abc import Iterator
 import numpy as np
 
 from .errors import CorruptImage, ImageBusy, NoSpace, PmemfsError, UsageError
+from .holes import punch_hole
 from .infoblock import (
     FLAG_CLEAN,
     HEADER_OFFSET,
     INFOBLOCK_OFFSET,
     INFOBLOCK_SIZE,
+    PAGE_SHIFT,
     PAGE_SIZE,
     Geometry,
     Header,
     InfoBlock,
 )
+from .pagebits import all_set, new_bitmap, set_range
 from .shared import BADBLOCKS_GENERATION, FLAG_CELLS, HOLES_GENERATION, HOLES_LOCK, SharedState
-
-# Blocks of the image are allocated this many bytes at a time before the first store into them,
-# so that a full backing filesystem is an ENOSPC for the writer instead of a SIGBUS in the daemon.
-ALLOC_CHUNK = 2 << 20
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,11 +146,11 @@ class Region:
         self.data = self.image[dataoff : dataoff + self.geometry.data_size].view(np.ndarray)
         self._data_bytes = self.data.data
         self.data_size = self.geometry.data_size
-        self._allocated = np.zeros(-(-info.file_size // ALLOC_CHUNK), dtype=bool)
-        self._allocated_bytes = self._allocated.data  # a memoryview item costs a fifth of numpy's
+        self._npages = -(-info.file_size // PAGE_SIZE)
         self._dataoff = dataoff
         self.previous_shutdown_clean = info.header.clean
         self.share_generations(None)
+        self._forget_allocations()
 
     @classmethod
     def open(cls, path: str) -> Region:
@@ -212,33 +205,81 @@ class Region:
         os.fdatasync(self.fd)
         self.header = header
 
-    def read(self, offset: int, length: int) -> memoryview:
-        """A zero-copy view of the data area; the caller has clipped it to the end."""
-        return self._data_bytes[offset : offset + length]
+    # Allocation. Blocks of the image are allocated a page at a time before the first store into
+    # them, so that a full backing filesystem is an ENOSPC for the writer instead of a SIGBUS in
+    # the daemon, and a 4 KiB write allocates 4 KiB. This process remembers, a bit a page, what it
+    # knows to be allocated (it allocated it, or SEEK_DATA said so); a hole punched by any serving
+    # process makes every one of them forget it all (the holes generation).
+    def _forget_allocations(self) -> None:
+        self._known = new_bitmap(self._npages)
+        self._known_bytes = self._known.data  # a memoryview item costs a fifth of numpy's
+        self._seen_holes = self._cells[HOLES_GENERATION]
+
+    def read(self, offset: int, length: int) -> memoryview | bytes:
+        """The bytes at [offset, +length) of the data area (the caller has clipped it to the end):
+        a zero-copy view of the mapping where the pages are allocated, else a copy."""
+        if self._cells[HOLES_GENERATION] != self._seen_holes:
+            self._forget_allocations()
+        start = self._dataoff + offset
+        first, last = start >> PAGE_SHIFT, (start + length - 1) >> PAGE_SHIFT
+        if first == last:
+            if self._known_bytes[first >> 3] >> (first & 7) & 1:
+                return self._data_bytes[offset : offset + length]
+        elif all_set(self._known, first, last):
+            return self._data_bytes[offset : offset + length]
+        return self._read_unknown(offset, length)
+
+    def _read_unknown(self, offset: int, length: int) -> memoryview | bytes:
+        """A read of pages this process has not seen allocated: ask the filesystem. A hole must not
+        be read through the mapping: on tmpfs a read fault on a hole of a shared mapping allocates a
+        page (and fails when tmpfs is full). Holes are read with pread, which allocates nothing."""
+        start = self._dataoff + offset
+        end = start + length
+        try:
+            data_at = os.lseek(self.fd, start, os.SEEK_DATA)
+        except OSError as err:
+            if err.errno != errno.ENXIO:
+                raise
+            data_at = end  # nothing but hole up to the end of the file
+        if data_at >= end:
+            return bytes(length)
+        if data_at == start:
+            hole_at = os.lseek(self.fd, start, os.SEEK_HOLE)
+            # Only whole pages of data become known: a filesystem with 1 KiB blocks may have a
+            # page that is part data, part hole, and a store into its hole would need a block.
+            first, last = -(-data_at // PAGE_SIZE), min(hole_at, self.info.file_size) // PAGE_SIZE - 1
+            if first <= last:
+                set_range(self._known, first, last)
+            if hole_at >= end:
+                return self._data_bytes[offset : offset + length]
+        return os.pread(self.fd, length, start)
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         if self._cells[HOLES_GENERATION] != self._seen_holes:
-            self._seen_holes = self._cells[HOLES_GENERATION]
-            self._allocated[:] = False
+            self._forget_allocations()
         start = self._dataoff + offset
-        first, last = start // ALLOC_CHUNK, (start + len(data) - 1) // ALLOC_CHUNK
-        if not self._allocated_bytes[first] or (last != first and not self._allocated[first : last + 1].all()):
+        first, last = start >> PAGE_SHIFT, (start + len(data) - 1) >> PAGE_SHIFT
+        if first == last:
+            if not self._known_bytes[first >> 3] >> (first & 7) & 1:
+                self._allocate(first, last)
+        elif not all_set(self._known, first, last):
             self._allocate(first, last)
         self._data_bytes[offset : offset + len(data)] = data
 
     def allocate(self, image_offset: int, length: int) -> None:
         """Allocate the image's blocks under [image_offset, +length) before anything stores there."""
-        self._allocate(image_offset // ALLOC_CHUNK, (image_offset + length - 1) // ALLOC_CHUNK)
+        self._allocate(image_offset >> PAGE_SHIFT, (image_offset + length - 1) >> PAGE_SHIFT)
 
     def punch_hole(self, image_offset: int, length: int) -> None:
         """Give whole pages back to the backing filesystem; they read as zeros afterwards."""
-        if _libc.fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, image_offset, length) != 0:
-            err = ctypes.get_errno()
-            raise PmemfsError(f"{self.path}: cannot punch a hole: {os.strerror(err)}", errno=err)
+        try:
+            punch_hole(self.fd, image_offset, length)
+        except OSError as err:
+            raise PmemfsError(f"{self.path}: cannot punch a hole: {err.strerror}", errno=err.errno) from None
         # Every serving process, this one too, must allocate again before its next store into the
-        # hole: each sees the generation change at its next write. The increment is a read-modify-
-        # write of a cell that every process may change: under a lock, or two punches at once
-        # could count as one and a process that saw the first would miss the second.
+        # hole: each sees the generation change at its next read or write. The increment is a
+        # read-modify-write of a cell that every process may change: under a lock, or two punches at
+        # once could count as one and a process that saw the first would miss the second.
         with self._shared.locked(HOLES_LOCK) if self._shared else contextlib.nullcontext():
             self._cells[HOLES_GENERATION] += 1
 
@@ -260,9 +301,9 @@ class Region:
             offset = hole
         return found
 
-    def _allocate(self, first_chunk: int, last_chunk: int) -> None:
-        start = first_chunk * ALLOC_CHUNK
-        end = min((last_chunk + 1) * ALLOC_CHUNK, self.info.file_size)
+    def _allocate(self, first_page: int, last_page: int) -> None:
+        start = first_page * PAGE_SIZE
+        end = min((last_page + 1) * PAGE_SIZE, self.info.file_size)
         try:
             os.posix_fallocate(self.fd, start, end - start)
         except OSError as err:
@@ -270,10 +311,11 @@ class Region:
                 raise NoSpace(f"{self.path}: the backing filesystem is full") from None
             if err.errno != errno.EOPNOTSUPP:
                 raise PmemfsError(f"{self.path}: cannot allocate blocks: {err.strerror}", errno=err.errno) from None
-        self._allocated[first_chunk : last_chunk + 1] = True
+        set_range(self._known, first_page, last_page)
 
-    def zero(self, offset: int, length: int) -> None:
-        """Zero [offset, +length) of the data area in one operation and one flush.
+    def zero(self, offset: int, length: int, *, flush: bool = True) -> None:
+        """Zero [offset, +length) of the data area in one operation (and one flush, unless the caller
+        flushes later, outside a window in which transfers wait).
 
         Whole pages go back to holes in the image (``clear_pmem()`` done once for the range, not
         page by page); the partial pages at either end are zeroed in place.
@@ -286,11 +328,20 @@ class Region:
             self._zero_in_place(start, first_page)
             self._zero_in_place(last_page, end)
             self.punch_hole(first_page, last_page - first_page)
-        self.flush()
+        if flush:
+            self.flush()
 
     def _zero_in_place(self, start: int, end: int) -> None:
-        if end > start:
-            self.write(start - self.geometry.dataoff, bytes(end - start))
+        if end <= start:
+            return
+        try:
+            if os.lseek(self.fd, start, os.SEEK_DATA) >= end:
+                return  # a hole already reads as zeros: storing zeros would only allocate it
+        except OSError as err:
+            if err.errno != errno.ENXIO:
+                raise
+            return
+        self.write(start - self.geometry.dataoff, bytes(end - start))
 
     def flush(self) -> None:
         # The mapping is MAP_SHARED, so every store is already in the image's page cache:

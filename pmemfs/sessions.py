@@ -10,7 +10,7 @@ A session is one open file description. The client writes one command per write(
     clear-errors                        zero every poisoned sector, clearing the poison
     trace-io on|off                     trace every I/O transfer's get/put/pin/unpin while this session is open
     kill                                kill the device reference (teardown: new pins get ENXIO)
-    revive                              revive it
+    revive                              revive it, if this session killed it (else EBUSY)
 
 and reads back its pins as ``ID FILE OFFSET LENGTH KIND`` lines. Closing the file, which the
 kernel does for a client that dies, drops every pin of the session, and revives a device
@@ -86,7 +86,10 @@ class PinSessions:
         elif verb == "kill" and not args:
             self.registry.kill(session.id)
         elif verb == "revive" and not args:
-            self.registry.revive()
+            # Only the killer revives: another session reviving in the middle of an unmount's
+            # drain would let new pins in under the teardown.
+            if not self.registry.revive(killer=session.id):
+                raise PageBusy("the device reference was killed by another session (an unmount draining?)")
         else:
             raise SessionCommandError(f"unknown command {text.strip()!r}")
 
@@ -112,7 +115,9 @@ class PinSessions:
         """Bulk-zero a byte range of the data area, refusing with EBUSY while any of its pages is referenced.
 
         The client waits and retries (``dax_layout_busy_page``): this handler never waits for a
-        reference to go. Transfers that start in the range meanwhile wait for it instead.
+        reference to go. Transfers that start in the range meanwhile wait for it instead, so the
+        exclusive window holds only the punch and the stores: the flushes (the data's, and the
+        header's when poison is cleared) come after it, however much of the image is dirty.
         """
         self._check_range(offset, length)
         pfn, npages = _pages(offset, length)
@@ -122,8 +127,9 @@ class PinSessions:
                 holders = self.registry.holders_of(busy)
                 who = f" held by pid {holders[0].pid} ({holders[0].kind.value} on {holders[0].file})" if holders else ""
                 raise PageBusy(f"page {busy} (offset {busy * PAGE_SIZE}) is busy{who}")
-            self.region.zero(offset, length)
-            self.badblocks.clear_whole_sectors(offset, length)
+            self.region.zero(offset, length, flush=False)
+        self.region.flush()
+        self.badblocks.clear_whole_sectors(offset, length)
         self.registry.trace("zero", session.pid, "pmem0", pfn, npages, f"bytes {offset}+{length}")
 
     def clear_errors(self, session: Session) -> None:
@@ -159,6 +165,8 @@ def _pages(offset: int, length: int) -> tuple[int, int]:
 
 
 def _number(text: str) -> int:
+    if len(text) > 24:  # no offset or count has more digits; int() of thousands of digits raises
+        raise SessionCommandError(f"not a number: {text[:24]!r}...")
     try:
         return int(text, 0)
     except ValueError:

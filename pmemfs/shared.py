@@ -1,9 +1,11 @@
-"""State that every serving process sees: one anonymous shared mapping, made before the fork.
+"""State that every serving process sees: one anonymous shared mapping and two memfds, made before the fork.
 
-Requests land in any serving process, so whatever must be exact across them lives here. Nothing
-needs a lock: each process writes only its own row of counters and its own trace ring and holder
-slots (column = its index), readers sum or merge, and the few shared cells are flags or
-generations whose only question is "did it change".
+Requests land in any serving process, so whatever must be exact across them lives here. Most of it
+needs no lock: each process writes only its own row of counters and its own trace ring and holder
+slots (column = its index), and readers sum or merge. The few cells that several processes change
+with a read-modify-write (device reference, holes generation, which records are backed, the
+snapshot slots and heap) change under a POSIX record lock on one memfd, byte ``*_LOCK`` of it: a
+holder that dies drops its lock with it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from .holes import punch_hole
+
+# Python names it from 3.12 on; 0x4000 is Linux's value on x86-64 and arm64.
+MAP_NORESERVE: int = getattr(mmap, "MAP_NORESERVE", 0x4000)
 NCOLUMNS = 14  # serving processes that can write at once (column 0 is the parent)
 # The registry's counters, named as /proc/vmstat names them where it has them, then the I/O path's.
 REGISTRY_COUNTERS = (
@@ -26,10 +32,23 @@ REGISTRY_COUNTERS = (
     "nr_unbalanced",
     "nr_refused",
 )
-IO_COUNTERS = ("reads", "writes", "read_bytes", "write_bytes", "direct_reads", "direct_writes", "fsyncs", "errors")
-COUNTERS = REGISTRY_COUNTERS + IO_COUNTERS
+IO_COUNTERS = (
+    "reads",
+    "writes",
+    "read_bytes",
+    "write_bytes",
+    "direct_reads",
+    "direct_writes",
+    "fsyncs",
+    "errors",
+    "internal_errors",
+)
+# Opens and releases of pmem0/dax0, counted where they land: the difference is what is open now.
+HANDLE_COUNTERS = ("data_opens", "data_releases")
+COUNTERS = REGISTRY_COUNTERS + IO_COUNTERS + HANDLE_COUNTERS
 COUNTER = {name: i for i, name in enumerate(COUNTERS)}
-COUNTER_SLOTS = 16
+COUNTER_SLOTS = 24
+assert len(COUNTERS) <= COUNTER_SLOTS
 
 # Cells of `flags`.
 DEVICE_ALIVE = 0  # 1 while new pins are allowed (the dev_pagemap reference is live)
@@ -53,6 +72,8 @@ FLAG_CELLS = 8
 ZEROING_LOCK = 0  # held by the serving process whose zero is under way
 FLAGS_LOCK = 1  # held while a session changes the device reference or the I/O trace (check, then write)
 HOLES_LOCK = 2  # held while the holes generation is bumped (read-modify-write)
+BACKING_LOCK = 3  # held while a chunk of page records goes from unbacked to backed (image or spill)
+SNAPSHOT_LOCK = 4  # held while a snapshot slot is claimed or heap space is handed out
 
 HOLDER_SLOTS = 1024  # per column
 HOLDER_DTYPE = np.dtype(
@@ -70,9 +91,11 @@ HOLDER_DTYPE = np.dtype(
     ]
 )
 # What a control file or pin session showed at its open (or its last read at offset 0), for the
-# serving process that gets the next read of it. Slots are taken by column, freed by anyone.
-SNAPSHOT_SLOTS = 32  # per column; only the pages a snapshot fills are ever touched
-SNAPSHOT_BYTES = 1 << 20
+# serving process that gets the next read of it: a slot (owner handle, offset, length) in a table
+# every process sees, and the bytes in a memfd that grows as needed, so a snapshot of any size is
+# read whole whichever process answers. Freed space is punched out of the memfd.
+SNAPSHOT_SLOTS = 4095  # at once, over all serving processes (a file handle has 12 bits for slot + 1)
+SNAPSHOT_ALIGN = 4096
 
 TRACE_EVENTS = 4096  # per column
 TRACE_NOTE = 48
@@ -102,10 +125,10 @@ class SharedState:
             ("trace_heads", NCOLUMNS * 8),
             ("holders", NCOLUMNS * HOLDER_SLOTS * HOLDER_DTYPE.itemsize),
             ("trace", NCOLUMNS * TRACE_EVENTS * TRACE_DTYPE.itemsize),
-            ("snapshot_heads", NCOLUMNS * SNAPSHOT_SLOTS * 2 * 8),
-            ("snapshots", NCOLUMNS * SNAPSHOT_SLOTS * SNAPSHOT_BYTES),
+            ("snapshot_heads", (SNAPSHOT_SLOTS + 1) * 3 * 8),
         ]
-        self._mapping = mmap.mmap(-1, sum(size for _, size in sizes), flags=mmap.MAP_SHARED)
+        # Untouched pages cost nothing: reserve no swap for them (a 1 TiB image has 4 MiB of `backed`).
+        self._mapping = mmap.mmap(-1, sum(size for _, size in sizes), flags=mmap.MAP_SHARED | MAP_NORESERVE)
         offset = 0
         views = {}
         for name, size in sizes:
@@ -120,9 +143,11 @@ class SharedState:
         self.trace = np.frombuffer(views["trace"], dtype=TRACE_DTYPE).reshape(NCOLUMNS, TRACE_EVENTS)
         # Byte views for the hot paths: a memoryview item costs a tenth of a numpy scalar.
         self.trace_bytes = views["trace"]
-        # [slot] = (owner handle, length); 0 = free
-        self.snapshot_heads = np.frombuffer(views["snapshot_heads"], dtype=np.int64).reshape(-1, 2)
-        self.snapshots = views["snapshots"]
+        # [slot] = (owner handle, heap offset, length); owner 0 = free, -1 = claimed, not written yet.
+        # The last row holds the heap's end.
+        heads = np.frombuffer(views["snapshot_heads"], dtype=np.int64).reshape(-1, 3)
+        self.snapshot_heads, self._heap_end = heads[:SNAPSHOT_SLOTS], heads[SNAPSHOT_SLOTS]
+        self._snapshot_heap = os.memfd_create("pmemfs-snapshots", os.MFD_CLOEXEC)
         self.flags[DEVICE_ALIVE] = 1
         # POSIX record locks on a file every serving process inherits: a holder that dies drops them.
         self._locks = os.memfd_create("pmemfs-locks", os.MFD_CLOEXEC)
@@ -161,24 +186,47 @@ class SharedState:
         return {name: int(totals[i]) for i, name in enumerate(COUNTERS)}
 
     # Snapshots.
-    def take_snapshot_slot(self, column: int) -> int | None:
-        first = column * SNAPSHOT_SLOTS
-        free = np.flatnonzero(self.snapshot_heads[first : first + SNAPSHOT_SLOTS, 0] == 0)
-        return first + int(free[0]) if len(free) else None
+    def claim_snapshot_slot(self) -> int | None:
+        """A free slot for a control handle, or None when every slot is taken."""
+        with self.locked(SNAPSHOT_LOCK):
+            free = np.flatnonzero(self.snapshot_heads[:, 0] == 0)
+            if not len(free):
+                return None
+            slot = int(free[0])
+            self.snapshot_heads[slot] = (-1, 0, 0)
+            return slot
 
     def store_snapshot(self, slot: int, owner: int, data: bytes) -> None:
-        if len(data) > SNAPSHOT_BYTES:
-            marker = b"\n[truncated: the snapshot is larger than 1 MiB]\n"
-            data = data[: SNAPSHOT_BYTES - len(marker)] + marker
-        self.snapshots[slot * SNAPSHOT_BYTES : slot * SNAPSHOT_BYTES + len(data)] = data
-        self.snapshot_heads[slot] = (owner, len(data))
+        """Make ``data`` what every process reads for handle ``owner`` in ``slot``, replacing what was there."""
+        size = -(-len(data) // SNAPSHOT_ALIGN) * SNAPSHOT_ALIGN
+        with self.locked(SNAPSHOT_LOCK):
+            # A bump allocator over a sparse file: offsets are never reused, space is punched back.
+            offset = int(self._heap_end[0])
+            self._heap_end[0] = offset + size
+            _, old_offset, old_length = (int(v) for v in self.snapshot_heads[slot])
+        if data:
+            os.pwrite(self._snapshot_heap, data, offset)
+        # The owner goes last and first: a reader that sees it also sees the offset and length.
+        self.snapshot_heads[slot, 0] = -1
+        self.snapshot_heads[slot, 1:] = (offset, len(data))
+        self.snapshot_heads[slot, 0] = owner
+        self._punch(old_offset, old_length)
 
     def load_snapshot(self, slot: int, owner: int) -> bytes | None:
-        stored_owner, length = (int(v) for v in self.snapshot_heads[slot])
+        stored_owner, offset, length = (int(v) for v in self.snapshot_heads[slot])
         if stored_owner != owner:
             return None
-        return bytes(self.snapshots[slot * SNAPSHOT_BYTES : slot * SNAPSHOT_BYTES + length])
+        return os.pread(self._snapshot_heap, length, offset) if length else b""
 
     def free_snapshot(self, slot: int, owner: int) -> None:
-        if self.snapshot_heads[slot, 0] == owner:
-            self.snapshot_heads[slot] = (0, 0)
+        with self.locked(SNAPSHOT_LOCK):
+            stored_owner, offset, length = (int(v) for v in self.snapshot_heads[slot])
+            if stored_owner != owner:
+                return
+            self.snapshot_heads[slot] = (0, 0, 0)
+        self._punch(offset, length)
+
+    def _punch(self, offset: int, length: int) -> None:
+        if length:
+            size = -(-length // SNAPSHOT_ALIGN) * SNAPSHOT_ALIGN
+            punch_hole(self._snapshot_heap, offset, size)

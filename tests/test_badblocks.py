@@ -50,8 +50,11 @@ def test_reads_and_writes_over_poison() -> None:
     with pytest.raises(MediaError):
         bb.check_read(4000, 200)
     with pytest.raises(MediaError):
-        bb.clear_for_write(4096 + 100, 512)  # covers sector 8 only in part
-    bb.clear_for_write(4096, 1024)
+        bb.check_write(4096 + 100, 512)  # covers sector 8 only in part
+    assert not bb.check_write(0, 4096)
+    assert bb.check_write(4096, 1024)
+    assert bb.extents == [(8, 2)]  # nothing is cleared before the store has happened
+    bb.clear_written(4096, 1024)
     assert bb.extents == []
 
 

@@ -6,20 +6,30 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import random
 import threading
 import time
+import tracemalloc
 from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
-from conftest import create_image, wait_for
+from conftest import create_image, sha256_of, wait_for
 
-from pmemfs.errors import DeviceGone, PageBusy, UnbalancedPut
+from pmemfs.errors import DeviceGone, NoSpace, PageBusy, UnbalancedPut
 from pmemfs.infoblock import PAGE_SIZE
-from pmemfs.memmap import memmap_span, open_registry
-from pmemfs.pages import GUP_PIN_COUNTING_BIAS, RECORD_DTYPE, Kind, PageRegistry
+from pmemfs.memmap import memmap_span, open_registry, reset_records
+from pmemfs.pages import (
+    CHUNK_PAGES,
+    GUP_PIN_COUNTING_BIAS,
+    RECORD_DTYPE,
+    Kind,
+    PageRegistry,
+    chunks_for,
+    holders_by_range,
+)
 from pmemfs.region import Region
-from pmemfs.shared import HOLES_GENERATION, IO_GATE, SharedState
+from pmemfs.shared import HOLES_GENERATION, IO_GATE, MAP_NORESERVE, SharedState
 
 
 @pytest.fixture
@@ -167,12 +177,17 @@ def test_stale_references_of_a_dead_daemon_are_reported_and_reset_in_bulk(tmp_pa
 
     with open_region(path) as region:
         start, end = memmap_span(region)
-        assert region.extents(start, end)
+        # One page of records for each place referenced, not megabytes.
+        second = start + 40000 * RECORD_DTYPE.itemsize // PAGE_SIZE * PAGE_SIZE
+        assert region.extents(start, end) == [(start, start + PAGE_SIZE), (second, second + PAGE_SIZE)]
+        before = sha256_of(path)
         registry, stale = open_registry(region, previous_epoch=1, epoch=2)
         assert stale == [
             {"pfn": 10, "npages": 20, "refcount": 1024, "pins": 1},
             {"pfn": 40000, "npages": 3, "refcount": 1, "pins": 0},
         ]
+        assert sha256_of(path) == before  # reading what is stale writes nothing: the mount may still fail
+        reset_records(region)
         assert region.extents(start, end) == []  # punched back to a hole
         assert registry.referenced_ranges() == []
         assert any(e.what == "reset" for e in registry.events())
@@ -282,3 +297,68 @@ def test_one_zero_at_a_time_and_a_dead_zeroers_gate_reopens(registry: PageRegist
     assert _in_child(zero_and_die)[0] == 0
     status, took = _in_child(lambda: registry.begin_transfer(True, 42, 1, 10 * PAGE_SIZE, PAGE_SIZE))
     assert status == 0 and took < 1
+
+
+def test_records_spill_to_dram_when_the_image_cannot_back_them() -> None:
+    """A full filesystem must not fail a reference: the chunks it cannot back live in the spill."""
+    npfns = 4 * CHUNK_PAGES
+    records = np.frombuffer(mmap.mmap(-1, npfns * RECORD_DTYPE.itemsize, flags=mmap.MAP_SHARED), dtype=RECORD_DTYPE)
+    spill = np.frombuffer(mmap.mmap(-1, npfns * RECORD_DTYPE.itemsize, flags=mmap.MAP_SHARED), dtype=RECORD_DTYPE)
+    full = {1, 2}  # chunks whose records the "filesystem" has no room for
+
+    def back_chunk(chunk: int) -> None:
+        if chunk in full:
+            raise NoSpace("full")
+
+    registry = PageRegistry(records, epoch=3, back_chunk=back_chunk, spill=spill)
+    # A range across image-backed and spilled chunks, a single page in a spilled one, a transfer.
+    registry.pin_user_pages(CHUNK_PAGES - 2, 4)
+    registry.get_page(2 * CHUNK_PAGES + 5)
+    registry.begin_transfer(True, 7, 1, (2 * CHUNK_PAGES + 5) * PAGE_SIZE, PAGE_SIZE)
+    assert list(registry.refcounts(CHUNK_PAGES - 2, 4)) == [1024] * 4
+    assert registry.page_ref_count(2 * CHUNK_PAGES + 5) == 1025
+    assert records["refs"][CHUNK_PAGES:].sum() == 0  # nothing went to the image's records of full chunks
+    assert registry.referenced_ranges() == [
+        {"pfn": CHUNK_PAGES - 2, "npages": 4, "refcount": 1024, "pins": 1},
+        {"pfn": 2 * CHUNK_PAGES + 5, "npages": 1, "refcount": 1025, "pins": 1},
+    ]
+    assert registry.first_busy_page(CHUNK_PAGES, 3 * CHUNK_PAGES) == CHUNK_PAGES
+    registry.end_transfers()
+    registry.put_page(2 * CHUNK_PAGES + 5)
+    registry.unpin_user_pages(CHUNK_PAGES - 2, 4)
+    assert registry.referenced_ranges() == [] and not spill["refs"].any() and not records["refs"].any()
+    with pytest.raises(UnbalancedPut):
+        registry.put_page(3 * CHUNK_PAGES)  # never backed: nothing to drop, and nothing was read
+
+
+def test_queries_of_a_huge_device_take_bounded_memory() -> None:
+    """A zero of a whole 1 TiB device asks for the first busy page of 2^28 pages: batches, not one array."""
+    npfns = (1 << 40) // PAGE_SIZE
+    records = np.frombuffer(
+        mmap.mmap(-1, npfns * RECORD_DTYPE.itemsize, flags=mmap.MAP_SHARED | MAP_NORESERVE), dtype=RECORD_DTYPE
+    )
+    registry = PageRegistry(records, epoch=1, shared=SharedState(chunks_for(npfns)))
+    scattered = range(0, npfns - 20, npfns // 1000)
+    for pfn in scattered:
+        registry.get_page(pfn)
+    registry.pin_user_pages(npfns - 10, 10)
+    tracemalloc.start()
+    try:
+        assert registry.first_busy_page(1, npfns - 1) == npfns // 1000
+        assert len(registry.referenced_ranges()) == len(scattered) + 1
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 << 20, f"{peak >> 20} MiB"
+
+
+def test_holders_by_range_matches_a_scan_of_every_holder(registry: PageRegistry) -> None:
+    rng = random.Random(5)
+    for _ in range(200):
+        registry.take(Kind.PIN, 1, "pmem0", rng.randrange(5000), rng.randrange(1, 300))
+    ranges, holders = registry.referenced_ranges(), registry.holders()
+    expected = [
+        [i for i, h in enumerate(holders) if h.pfn < r["pfn"] + r["npages"] and r["pfn"] < h.pfn + h.npages]
+        for r in ranges
+    ]
+    assert holders_by_range(ranges, holders) == expected
