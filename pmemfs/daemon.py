@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import pyfuse3
 
-from . import membarrier, serving
+from . import faults, membarrier, serving
 from .badblocks import BadBlocks
 from .control import control_files
 from .errors import PmemfsError
@@ -94,6 +94,7 @@ def run(
                 serving=lambda: {**serving_info, "pid": os.getpid()},
             )  # fmt: skip
         )
+        faults.install({"region": region, "registry": registry, "badblocks": badblocks, "sessions": ops.sessions})
         try:
             pyfuse3.init(ops, mountpoint, set(FUSE_OPTIONS))
         except RuntimeError as err:
