@@ -20,13 +20,17 @@ import numpy as np
 
 from .errors import CorruptImage, ImageBusy, NoSpace, PmemfsError, UsageError
 from .infoblock import (
+    BADBLOCKS_MAX,
     FLAG_CLEAN,
+    HEADER_BLOCK_SIZE,
     HEADER_OFFSET,
     INFOBLOCK_OFFSET,
     INFOBLOCK_SIZE,
     PAGE_SIZE,
+    SECTOR_SIZE,
     Geometry,
     Header,
+    HeaderBlock,
     InfoBlock,
 )
 from .shared import BADBLOCKS_GENERATION, FLAG_CELLS, HOLES_GENERATION, HOLES_LOCK, SharedState
@@ -69,7 +73,7 @@ def create_image(path: str, size: int, *, mode: str, map: str, align: int, force
     try:
         lock_image(fd, path)
         os.ftruncate(fd, size)
-        os.pwrite(fd, header.pack(), HEADER_OFFSET)
+        os.pwrite(fd, HeaderBlock.initial(header), HEADER_OFFSET)
         os.pwrite(fd, InfoBlock.for_geometry(geometry, uuid).pack(), INFOBLOCK_OFFSET)
         os.fsync(fd)
     except OSError as err:
@@ -95,7 +99,7 @@ def _read_info(fd: int, path: str) -> ImageInfo:
     file_size = os.fstat(fd).st_size
     head = os.pread(fd, INFOBLOCK_OFFSET + INFOBLOCK_SIZE, 0)
     try:
-        header = Header.unpack(head[:PAGE_SIZE])
+        header = HeaderBlock.decode(head[:HEADER_BLOCK_SIZE]).header
         infoblock = InfoBlock.unpack(head[INFOBLOCK_OFFSET:])
         if header.image_size != file_size:
             raise CorruptImage(f"header: image_size {header.image_size} but the file has {file_size} bytes")
@@ -137,6 +141,28 @@ def _lock_holder(fd: int) -> int | None:
     return None
 
 
+def _read_header_block(fd: int) -> HeaderBlock:
+    return HeaderBlock.decode(os.pread(fd, HEADER_BLOCK_SIZE, HEADER_OFFSET))
+
+
+def _check_mountable(info: ImageInfo) -> None:
+    """What `info` may show but a mount must refuse: the table must fit a version-2 header (the first
+    update writes one) and lie inside the data area (pmemfs never writes another)."""
+    badblocks = info.header.badblocks
+    if len(badblocks) > BADBLOCKS_MAX:
+        raise CorruptImage(
+            f"{info.path}: header: its {len(badblocks)} badblock extents do not fit the version-2 header "
+            f"({BADBLOCKS_MAX}); mount it with the pmemfs that wrote it and clear some first"
+        )
+    sectors = info.geometry.data_size // SECTOR_SIZE
+    for sector, count in badblocks:
+        if count <= 0 or sector + count > sectors:
+            raise CorruptImage(
+                f"{info.path}: header: badblocks extent {sector}+{count} is outside the data area "
+                f"({sectors} sectors): pmemfs check --repair drops it"
+            )
+
+
 class Region:
     """An open image: locked, mapped once with numpy memmap, with the data area as a byte view."""
 
@@ -167,7 +193,9 @@ class Region:
             raise PmemfsError(f"cannot open {path}: {err.strerror}") from None
         try:
             lock_image(fd, path)
-            return cls(os.path.abspath(path), fd, _read_info(fd, path))
+            info = _read_info(fd, path)
+            _check_mountable(info)
+            return cls(os.path.abspath(path), fd, info)
         except BaseException:
             os.close(fd)
             raise
@@ -175,15 +203,7 @@ class Region:
     # Header bookkeeping. Written with pwrite, not through the mapping, so each update is one
     # explicit store that fdatasync makes durable before mount goes on.
     def mark_dirty(self) -> None:
-        header = self.header
-        self._write_header(
-            header.replace(
-                flags=header.flags & ~FLAG_CLEAN,
-                mount_count=header.mount_count + 1,
-                unclean_shutdowns=header.unclean_shutdowns + (0 if header.clean else 1),
-                last_mount_ns=time.time_ns(),
-            )
-        )
+        self._write_header(self.header.mounted(time.time_ns()))
 
     def mark_clean(self) -> None:
         self.flush()
@@ -192,7 +212,7 @@ class Region:
         self._write_header(header.replace(flags=header.flags | FLAG_CLEAN))
 
     def read_header(self) -> Header:
-        return Header.unpack(os.pread(self.fd, PAGE_SIZE, HEADER_OFFSET))
+        return _read_header_block(self.fd).header
 
     def set_badblocks(self, extents: tuple[tuple[int, int], ...]) -> None:
         self._write_header(self.read_header().replace(badblocks=extents))
@@ -208,7 +228,10 @@ class Region:
         return ImageBadBlockStore(self)
 
     def _write_header(self, header: Header) -> None:
-        os.pwrite(self.fd, header.pack(), HEADER_OFFSET)
+        # Which copy to overwrite depends on what is on the media now, not on what this process read
+        # at open: a serving process may have written the header since.
+        offset, copy = _read_header_block(self.fd).update(header)
+        os.pwrite(self.fd, copy, HEADER_OFFSET + offset)
         os.fdatasync(self.fd)
         self.header = header
 
