@@ -15,13 +15,14 @@ from .infoblock import (
     INFOBLOCK_SIZE,
     MIN_IMAGE_SIZE,
     PAGE_SIZE,
+    RESERVED_HEAD,
     SECTOR_SIZE,
     Geometry,
     Header,
     HeaderBlock,
     InfoBlock,
 )
-from .region import lock_image
+from .region import lock_image, open_image
 
 
 @dataclasses.dataclass
@@ -54,8 +55,11 @@ class ImageChecker:
     def __init__(self, path: str, fd: int) -> None:
         self.path = path
         self.fd = fd
-        self.file_size = os.fstat(fd).st_size
-        head = os.pread(fd, INFOBLOCK_OFFSET + INFOBLOCK_SIZE, 0)
+        try:
+            self.file_size = os.fstat(fd).st_size
+            head = os.pread(fd, INFOBLOCK_OFFSET + INFOBLOCK_SIZE, 0)
+        except OSError as err:
+            raise PmemfsError(f"cannot read {path}: {err.strerror}", errno=err.errno) from None
         self.header_block = head[:HEADER_BLOCK_SIZE]
         self.info_block = head[INFOBLOCK_OFFSET:]
         self.header_state: HeaderBlock | None = None
@@ -76,7 +80,9 @@ class ImageChecker:
         return self.report
 
     def check_file_size(self) -> None:
-        if self.file_size < MIN_IMAGE_SIZE or self.file_size % PAGE_SIZE:
+        if self.file_size < RESERVED_HEAD:
+            self.report.bad(f"the file has {self.file_size} bytes, too short to be a pmemfs image")
+        elif self.file_size < MIN_IMAGE_SIZE or self.file_size % PAGE_SIZE:
             self.report.bad(
                 f"file size {self.file_size} is not a valid image size (multiple of 4 KiB, at least 16 MiB)"
             )
@@ -188,10 +194,7 @@ class ImageChecker:
 
 
 def check_image(path: str, *, repair: bool = False) -> Report:
-    try:
-        fd = os.open(path, (os.O_RDWR if repair else os.O_RDONLY) | os.O_CLOEXEC)
-    except OSError as err:
-        raise PmemfsError(f"cannot open {path}: {err.strerror}") from None
+    fd = open_image(path, writable=repair)
     try:
         if repair:
             lock_image(fd, path)

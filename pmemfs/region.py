@@ -12,6 +12,7 @@ import dataclasses
 import errno
 import fcntl
 import os
+import stat
 import time
 import uuid as uuidlib
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from .infoblock import (
     INFOBLOCK_OFFSET,
     INFOBLOCK_SIZE,
     PAGE_SIZE,
+    RESERVED_HEAD,
     SECTOR_SIZE,
     Geometry,
     Header,
@@ -58,20 +60,75 @@ class ImageInfo:
         return {"image": self.path, **self.geometry.as_dict(), **self.header.as_dict()}
 
 
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def open_image(path: str, *, writable: bool = False, create: bool = False, exclusive: bool = False) -> int:
+    """Open a file the user named as an image, or say in one line why it is not one.
+
+    Never blocks and never changes what is there: a FIFO, a device or a directory is refused from
+    its stat, before it is opened (opening some devices has effects of its own), and again from the
+    open fd in case the path changed in between. ``create`` makes a missing file (``exclusive``: only
+    a missing one); nothing here truncates.
+    """
+    verb = "create" if create else "open"
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if not create:
+            raise PmemfsError(f"cannot open {path}: {os.strerror(errno.ENOENT)}", errno=errno.ENOENT) from None
+    except OSError as err:
+        raise PmemfsError(f"cannot {verb} {path}: {err.strerror}", errno=err.errno) from None
+    else:
+        if exclusive:
+            raise UsageError(f"{path} already exists: pass --force to overwrite it")
+        _refuse_unless_regular(mode, path)
+    flags = os.O_RDWR if writable else os.O_RDONLY
+    if create:
+        flags |= os.O_CREAT | (os.O_EXCL if exclusive else 0)
+    # O_NONBLOCK: an open that would wait (a FIFO that raced in, a file under a lease) fails instead.
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        raise UsageError(f"{path} already exists: pass --force to overwrite it") from None
+    except OSError as err:
+        raise PmemfsError(f"cannot {verb} {path}: {err.strerror}", errno=err.errno) from None
+    try:
+        _refuse_unless_regular(os.fstat(fd).st_mode, path)
+        # A regular file from here on: give it ordinary blocking I/O, as the memmap and pread expect.
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except OSError as err:
+        os.close(fd)
+        raise PmemfsError(f"cannot {verb} {path}: {err.strerror}", errno=err.errno) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _refuse_unless_regular(mode: int, path: str) -> None:
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+        raise PmemfsError(f"{path} is {kind}, not a pmemfs image")
+
+
 def create_image(path: str, size: int, *, mode: str, map: str, align: int, force: bool) -> ImageInfo:
     """Write a new sparse image: header and info block only, every other byte a hole."""
     geometry = Geometry.compute(size, mode=mode, map=map, align=align)
     uuid = uuidlib.uuid4().bytes
     header = Header.for_geometry(geometry, uuid, time.time_ns())
-    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if force else os.O_EXCL)
+    fd = open_image(path, writable=True, create=True, exclusive=not force)
     try:
-        fd = os.open(path, flags, 0o600)
-    except FileExistsError:
-        raise UsageError(f"{path} already exists: pass --force to overwrite it") from None
-    except OSError as err:
-        raise PmemfsError(f"cannot create {path}: {err.strerror}") from None
-    try:
+        # Only once the lock is ours may the old contents go: a daemon serving this file holds it,
+        # and a truncate before the lock would take every byte from under that daemon.
         lock_image(fd, path)
+        os.ftruncate(fd, 0)
         os.ftruncate(fd, size)
         os.pwrite(fd, HeaderBlock.initial(header), HEADER_OFFSET)
         os.pwrite(fd, InfoBlock.for_geometry(geometry, uuid).pack(), INFOBLOCK_OFFSET)
@@ -85,10 +142,7 @@ def create_image(path: str, size: int, *, mode: str, map: str, align: int, force
 
 def read_image_info(path: str) -> ImageInfo:
     """Decode and validate the header and info block; raise CorruptImage naming the bad field."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as err:
-        raise PmemfsError(f"cannot open {path}: {err.strerror}") from None
+    fd = open_image(path)
     try:
         return _read_info(fd, path)
     finally:
@@ -96,8 +150,13 @@ def read_image_info(path: str) -> ImageInfo:
 
 
 def _read_info(fd: int, path: str) -> ImageInfo:
-    file_size = os.fstat(fd).st_size
-    head = os.pread(fd, INFOBLOCK_OFFSET + INFOBLOCK_SIZE, 0)
+    try:
+        file_size = os.fstat(fd).st_size
+        head = os.pread(fd, INFOBLOCK_OFFSET + INFOBLOCK_SIZE, 0)
+    except OSError as err:
+        raise PmemfsError(f"cannot read {path}: {err.strerror}", errno=err.errno) from None
+    if file_size < RESERVED_HEAD:
+        raise CorruptImage(f"{path}: the file has {file_size} bytes, too short to be a pmemfs image")
     try:
         header = HeaderBlock.decode(head[:HEADER_BLOCK_SIZE]).header
         infoblock = InfoBlock.unpack(head[INFOBLOCK_OFFSET:])
@@ -124,19 +183,21 @@ def lock_image(fd: int, path: str) -> None:
         holder = _lock_holder(fd)
         who = f"process {holder}" if holder else "another process"
         raise ImageBusy(f"{path} is in use by {who} (another pmemfs daemon?): unmount it first") from None
+    except OSError as err:  # ENOLCK, say, on a network filesystem
+        raise PmemfsError(f"cannot lock {path}: {err.strerror}", errno=err.errno) from None
 
 
 def _lock_holder(fd: int) -> int | None:
-    """The pid /proc/locks names for a FLOCK on this file, if any."""
-    st = os.fstat(fd)
-    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    """The pid /proc/locks names for a FLOCK on this file, if any: only a better message, so any doubt is None."""
     try:
+        st = os.fstat(fd)
+        key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
         with open("/proc/locks") as locks:
             for line in locks:
                 fields = line.split()
                 if "FLOCK" in fields and key in fields and "->" not in fields:
                     return int(fields[4])
-    except OSError:
+    except (OSError, ValueError, IndexError):
         pass
     return None
 
@@ -187,15 +248,15 @@ class Region:
 
     @classmethod
     def open(cls, path: str) -> Region:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except OSError as err:
-            raise PmemfsError(f"cannot open {path}: {err.strerror}") from None
+        fd = open_image(path, writable=True)
         try:
             lock_image(fd, path)
             info = _read_info(fd, path)
             _check_mountable(info)
-            return cls(os.path.abspath(path), fd, info)
+            try:
+                return cls(os.path.abspath(path), fd, info)
+            except (OSError, ValueError) as err:
+                raise PmemfsError(f"cannot map {path}: {err}") from None
         except BaseException:
             os.close(fd)
             raise

@@ -189,3 +189,20 @@ def test_an_info_block_for_an_image_under_16m_is_corrupt_not_a_usage_error(tmp_p
         assert len(result.stderr.splitlines()) == 1
     result = pmemfs("check", path, "--repair", check=False)
     assert result.returncode == 1 and "BAD" in result.stdout and "internal error" not in result.stderr
+
+
+def test_an_unexpected_exception_is_one_line_naming_a_bug(tmp_path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    import pmemfs.cli
+
+    def broken(path: str) -> None:
+        raise ValueError("unexpected\nvalue")
+
+    monkeypatch.setattr(pmemfs.cli, "read_image_info", broken)
+    monkeypatch.delenv("PMEMFS_DEBUG", raising=False)
+    assert pmemfs.cli.main(["info", "x.img"]) == 1
+    err = capsys.readouterr().err
+    assert err == "pmemfs: internal error: ValueError: unexpected value (this is a bug in pmemfs)\n"
+    monkeypatch.setenv("PMEMFS_DEBUG", "1")
+    assert pmemfs.cli.main(["info", "x.img"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback") and err.endswith("(this is a bug in pmemfs)\n")
