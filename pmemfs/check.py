@@ -5,19 +5,24 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from .errors import CorruptImage, PmemfsError
+from .errors import CorruptImage, PmemfsError, UsageError
 from .infoblock import (
+    BADBLOCKS_MAX,
+    COPY_NAMES,
+    HEADER_BLOCK_SIZE,
     HEADER_OFFSET,
     INFOBLOCK_OFFSET,
     INFOBLOCK_SIZE,
     MIN_IMAGE_SIZE,
     PAGE_SIZE,
+    RESERVED_HEAD,
     SECTOR_SIZE,
     Geometry,
     Header,
+    HeaderBlock,
     InfoBlock,
 )
-from .region import lock_image
+from .region import lock_image, open_image
 
 
 @dataclasses.dataclass
@@ -39,8 +44,8 @@ class Report:
     def note(self, text: str) -> None:
         self.lines.append(f"note    {text}")
 
-    def fixed(self, text: str) -> None:
-        self.problems -= 1
+    def fixed(self, text: str, *, was_problem: bool = True) -> None:
+        self.problems -= was_problem
         self.lines.append(f"FIXED   {text}")
 
 
@@ -50,10 +55,14 @@ class ImageChecker:
     def __init__(self, path: str, fd: int) -> None:
         self.path = path
         self.fd = fd
-        self.file_size = os.fstat(fd).st_size
-        head = os.pread(fd, INFOBLOCK_OFFSET + INFOBLOCK_SIZE, 0)
-        self.header_block = head[:PAGE_SIZE]
+        try:
+            self.file_size = os.fstat(fd).st_size
+            head = os.pread(fd, INFOBLOCK_OFFSET + INFOBLOCK_SIZE, 0)
+        except OSError as err:
+            raise PmemfsError(f"cannot read {path}: {err.strerror}", errno=err.errno) from None
+        self.header_block = head[:HEADER_BLOCK_SIZE]
         self.info_block = head[INFOBLOCK_OFFSET:]
+        self.header_state: HeaderBlock | None = None
         self.header: Header | None = None
         self.infoblock: InfoBlock | None = None
         self.geometry: Geometry | None = None
@@ -61,7 +70,7 @@ class ImageChecker:
 
     def run(self, repair: bool) -> Report:
         self.check_file_size()
-        self.check_header()
+        self.check_header(repair)
         self.check_infoblock()
         self.check_identity()
         self.check_badblocks(repair)
@@ -71,24 +80,43 @@ class ImageChecker:
         return self.report
 
     def check_file_size(self) -> None:
-        if self.file_size < MIN_IMAGE_SIZE or self.file_size % PAGE_SIZE:
+        if self.file_size < RESERVED_HEAD:
+            self.report.bad(f"the file has {self.file_size} bytes, too short to be a pmemfs image")
+        elif self.file_size < MIN_IMAGE_SIZE or self.file_size % PAGE_SIZE:
             self.report.bad(
                 f"file size {self.file_size} is not a valid image size (multiple of 4 KiB, at least 16 MiB)"
             )
         else:
             self.report.good(f"file size {self.file_size}")
 
-    def check_header(self) -> None:
+    def check_header(self, repair: bool) -> None:
         try:
-            header = Header.unpack(self.header_block)
+            state = HeaderBlock.decode(self.header_block)
         except CorruptImage as err:
             self.report.bad(str(err))
             return
+        header = state.header
         if header.image_size != self.file_size:
             self.report.bad(f"header: image_size {header.image_size} but the file has {self.file_size} bytes")
             return
-        self.header = header
-        self.report.good("header: magic, version, checksum, image_size")
+        self.header_state, self.header = state, header
+        if state.current is None:
+            self.report.good("header: magic, version 1, checksum, image_size")
+            self.report.note("header: format version 1; the next mount rewrites it as version 2 (two copies)")
+            return
+        current = COPY_NAMES[state.current]
+        self.report.good(f"header: magic, version, checksum, image_size (copy {current}, sequence {state.sequence})")
+        restore = state.restore()
+        if restore is None:
+            return
+        # Not a problem: a power cut during an update leaves exactly this, and the current copy is whole.
+        damaged = COPY_NAMES[1 - state.current]
+        self.report.note(
+            f"header: copy {damaged} is damaged ({state.damage[1 - state.current]}); copy {current} is current"
+        )
+        if repair:
+            self._write(HEADER_OFFSET + restore[0], restore[1])
+            self.report.fixed(f"header: copy {damaged} rewritten from copy {current}", was_problem=False)
 
     def check_infoblock(self) -> None:
         try:
@@ -115,7 +143,14 @@ class ImageChecker:
             self.report.good("header and info block agree (uuid, mode, map, align)")
 
     def check_badblocks(self, repair: bool) -> None:
-        if not (self.header and self.geometry):
+        if not (self.header and self.header_state and self.geometry):
+            return
+        if len(self.header.badblocks) > BADBLOCKS_MAX:
+            # Dropping extents would forget poison, so there is no safe repair.
+            self.report.bad(
+                f"badblocks: {len(self.header.badblocks)} extents do not fit a version-2 header ({BADBLOCKS_MAX}); "
+                "mount it with the pmemfs that wrote it and clear some first"
+            )
             return
         sectors = self.geometry.data_size // SECTOR_SIZE
         inside = tuple((s, c) for s, c in self.header.badblocks if c > 0 and s + c <= sectors)
@@ -125,8 +160,10 @@ class ImageChecker:
             return
         self.report.bad(f"badblocks: {outside} extent(s) outside the data area ({sectors} sectors) or empty")
         if repair:
-            self.header = self.header.replace(badblocks=inside)
-            self._write(HEADER_OFFSET, self.header.pack())
+            header = self.header.replace(badblocks=inside)
+            offset, copy = self.header_state.update(header)
+            self._write(HEADER_OFFSET + offset, copy)
+            self.header = header
             self.report.fixed(f"badblocks: dropped {outside} extent(s) outside the data area")
 
     def check_clean(self) -> None:
@@ -136,15 +173,19 @@ class ImageChecker:
     def repair_blocks(self) -> None:
         """Rebuild whichever of header and info block is damaged from the one that is intact."""
         if self.header and not self.infoblock:
-            geometry = Geometry.compute(
-                self.file_size, mode=self.header.mode, map=self.header.map, align=self.header.align
-            )
+            try:
+                geometry = Geometry.compute(
+                    self.file_size, mode=self.header.mode, map=self.header.map, align=self.header.align
+                )
+            except UsageError as err:
+                self.report.note(f"info block not rebuilt: the header describes no valid image ({err})")
+                return
             self._write(INFOBLOCK_OFFSET, InfoBlock.for_geometry(geometry, self.header.uuid).pack())
             self.report.fixed("info block rebuilt from the header's uuid, mode, map and align")
         elif self.infoblock and self.geometry and not self.header and self.file_size >= MIN_IMAGE_SIZE:
             # Counters are lost; marked unclean so the next mount says the image was not shut down cleanly.
             header = Header.for_geometry(self.geometry, self.infoblock.uuid, 0).replace(flags=0)
-            self._write(HEADER_OFFSET, header.pack())
+            self._write(HEADER_OFFSET, HeaderBlock.initial(header))
             self.report.fixed("header rebuilt from the info block (counters reset)")
 
     def _write(self, offset: int, block: bytes) -> None:
@@ -153,10 +194,7 @@ class ImageChecker:
 
 
 def check_image(path: str, *, repair: bool = False) -> Report:
-    try:
-        fd = os.open(path, (os.O_RDWR if repair else os.O_RDONLY) | os.O_CLOEXEC)
-    except OSError as err:
-        raise PmemfsError(f"cannot open {path}: {err.strerror}") from None
+    fd = open_image(path, writable=repair)
     try:
         if repair:
             lock_image(fd, path)

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 
 from . import client
@@ -380,6 +381,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return err.exit_code
     except KeyboardInterrupt:
         return 130
+    except Exception as err:
+        # The last line of defence: bad input is meant to be a PmemfsError raised on purpose.
+        if os.environ.get("PMEMFS_DEBUG") == "1":
+            traceback.print_exc()
+        message = " ".join(str(err).split())
+        print(f"pmemfs: internal error: {type(err).__name__}: {message} (this is a bug in pmemfs)", file=sys.stderr)
+        return 1
     if message:
         print(message)
     return 0

@@ -10,6 +10,7 @@ import dataclasses
 import errno
 import fcntl
 import os
+import stat
 import time
 import uuid as uuidlib
 from collections.abc import Iterator
@@ -19,14 +20,19 @@ import numpy as np
 from .errors import CorruptImage, ImageBusy, NoSpace, PmemfsError, UsageError
 from .holes import punch_hole
 from .infoblock import (
+    BADBLOCKS_MAX,
     FLAG_CLEAN,
+    HEADER_BLOCK_SIZE,
     HEADER_OFFSET,
     INFOBLOCK_OFFSET,
     INFOBLOCK_SIZE,
     PAGE_SHIFT,
     PAGE_SIZE,
+    RESERVED_HEAD,
+    SECTOR_SIZE,
     Geometry,
     Header,
+    HeaderBlock,
     InfoBlock,
 )
 from .pagebits import all_set, new_bitmap, set_range
@@ -47,22 +53,77 @@ class ImageInfo:
         return {"image": self.path, **self.geometry.as_dict(), **self.header.as_dict()}
 
 
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def open_image(path: str, *, writable: bool = False, create: bool = False, exclusive: bool = False) -> int:
+    """Open a file the user named as an image, or say in one line why it is not one.
+
+    Never blocks and never changes what is there: a FIFO, a device or a directory is refused from
+    its stat, before it is opened (opening some devices has effects of its own), and again from the
+    open fd in case the path changed in between. ``create`` makes a missing file (``exclusive``: only
+    a missing one); nothing here truncates.
+    """
+    verb = "create" if create else "open"
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if not create:
+            raise PmemfsError(f"cannot open {path}: {os.strerror(errno.ENOENT)}", errno=errno.ENOENT) from None
+    except OSError as err:
+        raise PmemfsError(f"cannot {verb} {path}: {err.strerror}", errno=err.errno) from None
+    else:
+        if exclusive:
+            raise UsageError(f"{path} already exists: pass --force to overwrite it")
+        _refuse_unless_regular(mode, path)
+    flags = os.O_RDWR if writable else os.O_RDONLY
+    if create:
+        flags |= os.O_CREAT | (os.O_EXCL if exclusive else 0)
+    # O_NONBLOCK: an open that would wait (a FIFO that raced in, a file under a lease) fails instead.
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        raise UsageError(f"{path} already exists: pass --force to overwrite it") from None
+    except OSError as err:
+        raise PmemfsError(f"cannot {verb} {path}: {err.strerror}", errno=err.errno) from None
+    try:
+        _refuse_unless_regular(os.fstat(fd).st_mode, path)
+        # A regular file from here on: give it ordinary blocking I/O, as the memmap and pread expect.
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except OSError as err:
+        os.close(fd)
+        raise PmemfsError(f"cannot {verb} {path}: {err.strerror}", errno=err.errno) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _refuse_unless_regular(mode: int, path: str) -> None:
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+        raise PmemfsError(f"{path} is {kind}, not a pmemfs image")
+
+
 def create_image(path: str, size: int, *, mode: str, map: str, align: int, force: bool) -> ImageInfo:
     """Write a new sparse image: header and info block only, every other byte a hole."""
     geometry = Geometry.compute(size, mode=mode, map=map, align=align)
     uuid = uuidlib.uuid4().bytes
     header = Header.for_geometry(geometry, uuid, time.time_ns())
-    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if force else os.O_EXCL)
+    fd = open_image(path, writable=True, create=True, exclusive=not force)
     try:
-        fd = os.open(path, flags, 0o600)
-    except FileExistsError:
-        raise UsageError(f"{path} already exists: pass --force to overwrite it") from None
-    except OSError as err:
-        raise PmemfsError(f"cannot create {path}: {err.strerror}") from None
-    try:
+        # Only once the lock is ours may the old contents go: a daemon serving this file holds it,
+        # and a truncate before the lock would take every byte from under that daemon.
         lock_image(fd, path)
+        os.ftruncate(fd, 0)
         os.ftruncate(fd, size)
-        os.pwrite(fd, header.pack(), HEADER_OFFSET)
+        os.pwrite(fd, HeaderBlock.initial(header), HEADER_OFFSET)
         os.pwrite(fd, InfoBlock.for_geometry(geometry, uuid).pack(), INFOBLOCK_OFFSET)
         os.fsync(fd)
     except OSError as err:
@@ -74,10 +135,7 @@ def create_image(path: str, size: int, *, mode: str, map: str, align: int, force
 
 def read_image_info(path: str) -> ImageInfo:
     """Decode and validate the header and info block; raise CorruptImage naming the bad field."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as err:
-        raise PmemfsError(f"cannot open {path}: {err.strerror}") from None
+    fd = open_image(path)
     try:
         return _read_info(fd, path)
     finally:
@@ -85,10 +143,15 @@ def read_image_info(path: str) -> ImageInfo:
 
 
 def _read_info(fd: int, path: str) -> ImageInfo:
-    file_size = os.fstat(fd).st_size
-    head = os.pread(fd, INFOBLOCK_OFFSET + INFOBLOCK_SIZE, 0)
     try:
-        header = Header.unpack(head[:PAGE_SIZE])
+        file_size = os.fstat(fd).st_size
+        head = os.pread(fd, INFOBLOCK_OFFSET + INFOBLOCK_SIZE, 0)
+    except OSError as err:
+        raise PmemfsError(f"cannot read {path}: {err.strerror}", errno=err.errno) from None
+    if file_size < RESERVED_HEAD:
+        raise CorruptImage(f"{path}: the file has {file_size} bytes, too short to be a pmemfs image")
+    try:
+        header = HeaderBlock.decode(head[:HEADER_BLOCK_SIZE]).header
         infoblock = InfoBlock.unpack(head[INFOBLOCK_OFFSET:])
         if header.image_size != file_size:
             raise CorruptImage(f"header: image_size {header.image_size} but the file has {file_size} bytes")
@@ -113,21 +176,45 @@ def lock_image(fd: int, path: str) -> None:
         holder = _lock_holder(fd)
         who = f"process {holder}" if holder else "another process"
         raise ImageBusy(f"{path} is in use by {who} (another pmemfs daemon?): unmount it first") from None
+    except OSError as err:  # ENOLCK, say, on a network filesystem
+        raise PmemfsError(f"cannot lock {path}: {err.strerror}", errno=err.errno) from None
 
 
 def _lock_holder(fd: int) -> int | None:
-    """The pid /proc/locks names for a FLOCK on this file, if any."""
-    st = os.fstat(fd)
-    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    """The pid /proc/locks names for a FLOCK on this file, if any: only a better message, so any doubt is None."""
     try:
+        st = os.fstat(fd)
+        key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
         with open("/proc/locks") as locks:
             for line in locks:
                 fields = line.split()
                 if "FLOCK" in fields and key in fields and "->" not in fields:
                     return int(fields[4])
-    except OSError:
+    except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def _read_header_block(fd: int) -> HeaderBlock:
+    return HeaderBlock.decode(os.pread(fd, HEADER_BLOCK_SIZE, HEADER_OFFSET))
+
+
+def _check_mountable(info: ImageInfo) -> None:
+    """What `info` may show but a mount must refuse: the table must fit a version-2 header (the first
+    update writes one) and lie inside the data area (pmemfs never writes another)."""
+    badblocks = info.header.badblocks
+    if len(badblocks) > BADBLOCKS_MAX:
+        raise CorruptImage(
+            f"{info.path}: header: its {len(badblocks)} badblock extents do not fit the version-2 header "
+            f"({BADBLOCKS_MAX}); mount it with the pmemfs that wrote it and clear some first"
+        )
+    sectors = info.geometry.data_size // SECTOR_SIZE
+    for sector, count in badblocks:
+        if count <= 0 or sector + count > sectors:
+            raise CorruptImage(
+                f"{info.path}: header: badblocks extent {sector}+{count} is outside the data area "
+                f"({sectors} sectors): pmemfs check --repair drops it"
+            )
 
 
 class Region:
@@ -154,13 +241,15 @@ class Region:
 
     @classmethod
     def open(cls, path: str) -> Region:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except OSError as err:
-            raise PmemfsError(f"cannot open {path}: {err.strerror}") from None
+        fd = open_image(path, writable=True)
         try:
             lock_image(fd, path)
-            return cls(os.path.abspath(path), fd, _read_info(fd, path))
+            info = _read_info(fd, path)
+            _check_mountable(info)
+            try:
+                return cls(os.path.abspath(path), fd, info)
+            except (OSError, ValueError) as err:
+                raise PmemfsError(f"cannot map {path}: {err}") from None
         except BaseException:
             os.close(fd)
             raise
@@ -168,15 +257,7 @@ class Region:
     # Header bookkeeping. Written with pwrite, not through the mapping, so each update is one
     # explicit store that fdatasync makes durable before mount goes on.
     def mark_dirty(self) -> None:
-        header = self.header
-        self._write_header(
-            header.replace(
-                flags=header.flags & ~FLAG_CLEAN,
-                mount_count=header.mount_count + 1,
-                unclean_shutdowns=header.unclean_shutdowns + (0 if header.clean else 1),
-                last_mount_ns=time.time_ns(),
-            )
-        )
+        self._write_header(self.header.mounted(time.time_ns()))
 
     def mark_clean(self) -> None:
         self.flush()
@@ -185,7 +266,7 @@ class Region:
         self._write_header(header.replace(flags=header.flags | FLAG_CLEAN))
 
     def read_header(self) -> Header:
-        return Header.unpack(os.pread(self.fd, PAGE_SIZE, HEADER_OFFSET))
+        return _read_header_block(self.fd).header
 
     def set_badblocks(self, extents: tuple[tuple[int, int], ...]) -> None:
         self._write_header(self.read_header().replace(badblocks=extents))
@@ -201,7 +282,10 @@ class Region:
         return ImageBadBlockStore(self)
 
     def _write_header(self, header: Header) -> None:
-        os.pwrite(self.fd, header.pack(), HEADER_OFFSET)
+        # Which copy to overwrite depends on what is on the media now, not on what this process read
+        # at open: a serving process may have written the header since.
+        offset, copy = _read_header_block(self.fd).update(header)
+        os.pwrite(self.fd, copy, HEADER_OFFSET + offset)
         os.fdatasync(self.fd)
         self.header = header
 

@@ -6,7 +6,7 @@ import os
 import time
 
 import pytest
-from conftest import create_image, pmemfs, sha256_of
+from conftest import create_image, mounted, pmemfs, sha256_of
 
 
 @pytest.mark.parametrize(
@@ -53,29 +53,66 @@ def test_create_does_not_overwrite_without_force(tmp_path) -> None:  # type: ign
     assert os.stat(path).st_size == 32 << 20
 
 
+# Each corruption is (offset, bytes) patches; a header corruption damages both copies, A at 0 and
+# B at 2048, since one intact copy is enough to open the image.
 CORRUPTIONS = {
-    "magic": (0, b"XXXX", "bad magic"),
-    "header checksum": (200, b"\x01", "header: checksum mismatch"),
-    "info-block signature": (4096, b"NVDIMM_BAD_INFO\0", "signature mismatch"),
-    "info-block checksum": (4096 + 3000, b"\x01", "info block: checksum mismatch"),
+    "magic": ([(0, b"XXXX"), (2048, b"XXXX")], "bad magic"),
+    "header checksum": ([(200, b"\x01"), (2048 + 200, b"\x01")], "header: checksum mismatch in both copies"),
+    "info-block signature": ([(4096, b"NVDIMM_BAD_INFO\0")], "signature mismatch"),
+    "info-block checksum": ([(4096 + 3000, b"\x01")], "info block: checksum mismatch"),
 }
+
+
+def patch(path: str, patches: list[tuple[int, bytes]]) -> None:
+    with open(path, "r+b") as f:
+        for offset, data in patches:
+            f.seek(offset)
+            f.write(data)
 
 
 @pytest.mark.parametrize("what", list(CORRUPTIONS))
 def test_corrupt_images_are_refused_and_left_unchanged(tmp_path, what: str) -> None:  # type: ignore[no-untyped-def]
     path = create_image(tmp_path / "x.img", "64M")
-    offset, patch, says = CORRUPTIONS[what]
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(patch)
+    patches, says = CORRUPTIONS[what]
+    patch(path, patches)
     before = sha256_of(path)
     os.mkdir(tmp_path / "mnt")
     for args in (["info", path], ["check", path], ["mount", path, str(tmp_path / "mnt")]):
         result = pmemfs(*args, check=False)
         assert result.returncode == 1, args
         assert says in result.stdout + result.stderr, (args, result.stdout, result.stderr)
+        assert len(result.stderr.splitlines()) == 1 and "internal error" not in result.stderr
     assert sha256_of(path) == before
     assert not os.path.ismount(tmp_path / "mnt")
+
+
+@pytest.mark.parametrize("copy", ["A", "B"])
+def test_one_damaged_header_copy_still_opens_and_check_restores_it(tmp_path, capsys, copy: str) -> None:  # type: ignore[no-untyped-def]
+    from pmemfs.cli import main
+
+    def run(*args: str) -> str:
+        capsys.readouterr()
+        assert main(list(args)) == 0
+        return capsys.readouterr().out
+
+    path = create_image(tmp_path / "x.img", "64M")
+    good = read_head(path)
+    damage = [({"A": 0, "B": 2048}[copy] + 200, b"\x01")]
+    patch(path, damage)
+    assert "mounts:             0" in run("info", path)
+    assert f"note    header: copy {copy} is damaged (checksum mismatch)" in run("check", path)
+    assert f"FIXED   header: copy {copy} rewritten from copy" in run("check", path, "--repair")
+    assert read_head(path) == good
+    patch(path, damage)
+    with mounted(path, str(tmp_path / "mnt")) as mount:
+        assert mount.status()["mounts"] == 1
+    assert "mounts:             1\nunclean shutdowns:  0" in run("info", path)
+    assert "damaged" not in run("check", path)  # the mount's two updates rewrote the damaged copy first
+
+
+def read_head(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(4096)
 
 
 def test_impossible_geometry_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -118,16 +155,54 @@ def test_wrong_file_size_is_refused(tmp_path) -> None:  # type: ignore[no-untype
 
 
 def test_check_flags_and_repairs_badblocks_outside_the_data_area(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from pmemfs.infoblock import Header
+    from pmemfs.infoblock import HeaderBlock
 
     path = create_image(tmp_path / "x.img", "64M")
     with open(path, "r+b") as f:
-        header = Header.unpack(f.read(4096))
-        f.seek(0)
-        f.write(header.replace(badblocks=((8, 2), (10**9, 4))).pack())
+        state = HeaderBlock.decode(f.read(4096))
+        offset, copy = state.update(state.header.replace(badblocks=((8, 2), (10**9, 4))))
+        f.seek(offset)
+        f.write(copy)
     assert "sectors 1000000000-1000000003" in pmemfs("info", path).stdout
     result = pmemfs("check", path, check=False)
     assert result.returncode == 1 and "outside the data area" in result.stdout
+    mount = pmemfs("mount", path, str(tmp_path), check=False)
+    assert mount.returncode == 1 and "outside the data area" in mount.stderr and "check --repair" in mount.stderr
     assert "FIXED" in pmemfs("check", path, "--repair").stdout
     assert "sectors 8-9\n" in pmemfs("info", path).stdout + "\n"
     assert "1000000000" not in pmemfs("info", path).stdout
+
+
+def test_an_info_block_for_an_image_under_16m_is_corrupt_not_a_usage_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Geometry.compute's size check is a usage error for create, but an image that claims the size is damaged."""
+    from pmemfs.infoblock import HeaderBlock
+
+    path = create_image(tmp_path / "x.img", "16M")
+    with open(path, "r+b") as f:
+        header = HeaderBlock.decode(f.read(4096)).header
+        f.seek(0)
+        f.write(HeaderBlock.initial(header.replace(image_size=8 << 20)))
+        f.truncate(8 << 20)
+    for args in (["info", path], ["mount", path, str(tmp_path)]):
+        result = pmemfs(*args, check=False)
+        assert result.returncode == 1 and "info block: image size 8388608 is under the minimum" in result.stderr
+        assert len(result.stderr.splitlines()) == 1
+    result = pmemfs("check", path, "--repair", check=False)
+    assert result.returncode == 1 and "BAD" in result.stdout and "internal error" not in result.stderr
+
+
+def test_an_unexpected_exception_is_one_line_naming_a_bug(tmp_path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    import pmemfs.cli
+
+    def broken(path: str) -> None:
+        raise ValueError("unexpected\nvalue")
+
+    monkeypatch.setattr(pmemfs.cli, "read_image_info", broken)
+    monkeypatch.delenv("PMEMFS_DEBUG", raising=False)
+    assert pmemfs.cli.main(["info", "x.img"]) == 1
+    err = capsys.readouterr().err
+    assert err == "pmemfs: internal error: ValueError: unexpected value (this is a bug in pmemfs)\n"
+    monkeypatch.setenv("PMEMFS_DEBUG", "1")
+    assert pmemfs.cli.main(["info", "x.img"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback") and err.endswith("(this is a bug in pmemfs)\n")
