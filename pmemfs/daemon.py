@@ -63,7 +63,7 @@ def run(
         return _fail_start(ready_fd, str(err))
     except Exception as err:
         log.exception("cannot open %s", image)
-        return _fail_start(ready_fd, f"cannot open {image}: {err!r}")
+        return _fail_start(ready_fd, f"cannot open {image}: {type(err).__name__}: {err} (a bug in pmemfs; see the log)")
     # Do not mark the image clean on the way out unless this daemon really marked it dirty.
     mounted = False
     try:
