@@ -290,9 +290,15 @@ def refuse_if_busy(mountpoint: str) -> None:
     if not users and poll_until(lambda: open_files(mountpoint) == 0, RELEASE_GRACE_S):
         return  # a release was on its way
     users = users or processes_using(mountpoint)
-    who = "; ".join(users) if users else f"{open_files(mountpoint)} handle(s), held by no process this one can see"
+    if users:
+        raise MountError(
+            f"{mountpoint} is busy: {'; '.join(users)}. Nothing was stopped: end or close those, "
+            "then run pmemfs umount again"
+        )
     raise MountError(
-        f"{mountpoint} is busy: {who}. Nothing was stopped: end or close those, then run pmemfs umount again"
+        f"{mountpoint} is busy: {open_files(mountpoint)} pmem0/dax0 handle(s) open, held by no process visible "
+        f"here (another PID namespace?). Nothing was stopped; if nothing uses the mount, `fusermount3 -u "
+        f"{mountpoint}` unmounts it cleanly"
     )
 
 
