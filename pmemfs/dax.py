@@ -27,6 +27,7 @@ import numpy as np
 from .client import PinSession, read_badblocks, read_status
 from .errors import InvalidRange, MediaError, NoSpace, PmemfsError
 from .infoblock import PAGE_SIZE, SECTOR_SIZE
+from .region import single_page_folios
 
 
 class DaxMapping:
@@ -66,6 +67,7 @@ class DaxMapping:
                 self._memmap = np.memmap(
                     image_file, dtype=np.uint8, mode="r+", offset=dataoff + offset, shape=(length,)
                 )
+            single_page_folios(fd, self._memmap._mmap)  # type: ignore[attr-defined]
         finally:
             os.close(fd)
         self.array: np.ndarray = self._memmap.view(np.ndarray)

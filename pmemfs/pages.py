@@ -428,7 +428,9 @@ class PageRegistry:
         if pfn_hi <= pfn_lo:
             return
         first, end = pfn_lo >> CHUNK_SHIFT, ((pfn_hi - 1) >> CHUNK_SHIFT) + 1
-        chunks = np.flatnonzero(self._backed[first:end]) + first
+        # A copy first: other processes back chunks meanwhile, and np.flatnonzero of an array that
+        # changes under it raises ("number of non-zero array elements changed").
+        chunks = np.flatnonzero(self._backed[first:end].copy()) + first
         for i in range(0, len(chunks), QUERY_BATCH_CHUNKS):
             pfns = (chunks[i : i + QUERY_BATCH_CHUNKS, None] * CHUNK_PAGES + _CHUNK_OFFSETS).ravel()
             pfns = pfns[(pfns >= pfn_lo) & (pfns < pfn_hi)]

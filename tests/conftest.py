@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import mmap
@@ -177,3 +178,103 @@ def children_of(pid: int) -> list[int]:
             if int(fields[1]) == pid and fields[0] != "Z":
                 found.append(int(entry))
     return sorted(found)
+
+
+def serving_pids(daemon_pid: int) -> set[int]:
+    """The processes that serve a mount: the daemon and its workers."""
+    return {daemon_pid, *children_of(daemon_pid)}
+
+
+def kill_serving(daemon_pid: int) -> set[int]:
+    """kill -9 every serving process of a mount, and wait until they are gone."""
+    pids = serving_pids(daemon_pid)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not any(process_alive(pid) for pid in pids), what="the serving processes to die")
+    return pids
+
+
+def allocated_bytes(path: str) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def data_extents(path: str, start: int, end: int) -> list[tuple[int, int]]:
+    """The allocated extents of a file within [start, end), as SEEK_DATA/SEEK_HOLE report them."""
+    found = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        offset = start
+        while offset < end:
+            try:
+                data = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError as err:
+                if err.errno == errno.ENXIO:
+                    break
+                raise
+            if data >= end:
+                break
+            hole = os.lseek(fd, data, os.SEEK_HOLE)
+            found.append((data, min(hole, end)))
+            offset = hole
+    finally:
+        os.close(fd)
+    return found
+
+
+def needs_root() -> None:
+    if os.getuid() != 0:
+        pytest.skip(reason="needs root to mount a filesystem")
+
+
+@contextlib.contextmanager
+def tmpfs_at(where: os.PathLike[str] | str, size: str) -> Iterator[str]:
+    """A size-limited tmpfs at ``where``, unmounted on the way out whatever happened."""
+    needs_root()
+    os.makedirs(where, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], check=True)
+    try:
+        yield str(where)
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+@contextlib.contextmanager
+def ext4_at(where: os.PathLike[str] | str, size_bytes: int) -> Iterator[str]:
+    """A small ext4 filesystem (a file of ``size_bytes`` on a loop device) mounted at ``where``."""
+    needs_root()
+    backing = f"{where}.ext4"
+    with open(backing, "wb") as f:
+        f.truncate(size_bytes)
+    subprocess.run(["mkfs.ext4", "-q", "-F", backing], check=True, capture_output=True)
+    os.makedirs(where, exist_ok=True)
+    subprocess.run(["mount", "-o", "loop", backing, str(where)], check=True)
+    try:
+        yield str(where)
+    finally:
+        # The loop device mount made goes with the last reference (autoclear).
+        subprocess.run(["umount", "-l", str(where)], check=True)
+        os.unlink(backing)
+
+
+def fill_filesystem(where: str) -> int:
+    """Take every free byte of the filesystem at ``where`` with a filler file; return its size."""
+    fd = os.open(os.path.join(where, "filler"), os.O_WRONLY | os.O_CREAT, 0o600)
+    size = 0
+    try:
+        stat = os.statvfs(where)
+        with contextlib.suppress(OSError):  # most of it at once, without copying
+            size = stat.f_bavail * stat.f_frsize // (1 << 20) * (1 << 20) - (1 << 20)
+            os.posix_fallocate(fd, 0, max(size, 1))
+        size = os.fstat(fd).st_size
+        for chunk in (bytes(1 << 20), bytes(4096)):  # then writes, and pages for what is left
+            while True:
+                try:
+                    size += os.pwrite(fd, chunk, size)
+                except OSError as err:
+                    if err.errno != errno.ENOSPC:
+                        raise
+                    break
+    finally:
+        os.close(fd)
+    return size
