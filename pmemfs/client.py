@@ -19,8 +19,8 @@ import tempfile
 import time
 from collections.abc import Callable
 
-from .control import loop_devices_for
 from .errors import MountError, PmemfsError
+from .loops import loop_devices_for
 
 # How long a starting daemon may go without a sign of progress before the CLI gives up on it.
 MOUNT_TIMEOUT_S = 15.0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import time
@@ -10,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .badblocks import BadBlocks
+from .loops import loop_devices_for
 from .pages import PageRegistry, holders_by_range
 from .region import Region
 
@@ -20,19 +20,6 @@ class ControlFile:
     render: Callable[[], bytes]
     # Takes what a client writes; raises PmemfsError (its errno goes to the writer) for bad input.
     store: Callable[[bytes], None] | None = None
-
-
-def loop_devices_for(path: str) -> list[str]:
-    """The loop devices whose backing file is ``path`` (as the kernel reports it in sysfs)."""
-    devices = []
-    for backing in glob.glob("/sys/block/loop*/loop/backing_file"):
-        try:
-            with open(backing) as f:
-                if f.read().strip().removesuffix(" (deleted)") == path:
-                    devices.append("/dev/" + backing.split("/")[3])
-        except OSError:
-            continue
-    return sorted(devices)
 
 
 def _json(snapshot: object) -> bytes:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from .errors import CorruptImage, UsageError
+from .sizes import format_size, parse_size  # noqa: F401  (parse_size is re-exported)
 
 PAGE_SIZE = 4096
 PAGE_SHIFT = 12
@@ -61,28 +62,6 @@ def with_checksum(block: bytes | bytearray) -> bytes:
 
 def _checksum_ok(block: bytes) -> bool:
     return with_checksum(block) == block
-
-
-def parse_size(text: str) -> int:
-    """Parse '1G', '512M', '4096', '3G+4K' style sizes (binary suffixes)."""
-    total = 0
-    for part in text.strip().split("+"):
-        part = part.strip().upper().removesuffix("IB").removesuffix("B")
-        if not part:
-            raise ValueError(f"bad size {text!r}")
-        shift = {"K": 10, "M": 20, "G": 30, "T": 40}.get(part[-1], 0)
-        digits = part[:-1] if shift else part
-        if not digits.isdigit():
-            raise ValueError(f"bad size {text!r}: use a number with an optional K, M, G or T suffix")
-        total += int(digits) << shift
-    return total
-
-
-def format_size(size_bytes: int) -> str:
-    for suffix, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
-        if size_bytes and size_bytes % (1 << shift) == 0:
-            return f"{size_bytes >> shift}{suffix}"
-    return str(size_bytes)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,15 +27,14 @@ from typing import Any
 import pyfuse3
 import trio
 
+from .options import DEFAULT_SPIN_US, MAX_WORKERS, default_workers  # noqa: F401  (re-exported)
+
 log = logging.getLogger("pmemfs")
 
 # The pyfuse3 release whose internals the fast path was written against, and its backend slot.
 PYFUSE3_VERSION = "3.5.0"
 BACKEND_SLOT = "trio"
 TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-MAX_WORKERS = 13  # the registry has 14 counter columns; the parent has column 0
-DEFAULT_SPIN_US = 50
-MAX_SPIN_US = 10_000  # beyond this a "spin" is a busy daemon, not a saved wake-up
 
 
 def fast_path_problem() -> str | None:
@@ -208,11 +207,6 @@ def serve_blocking(
 FUSE_DEV_IOC_CLONE = 0x8004E500  # _IOR(229, 0, uint32_t)
 PR_SET_PDEATHSIG = 1
 POLL_S = 0.05
-
-
-def default_workers() -> int:
-    """What measured fastest: one serving process per CPU (the parent only supervises)."""
-    return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
 
 
 def _clone_session_fd(session_fd: int) -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -206,3 +209,42 @@ def test_an_unexpected_exception_is_one_line_naming_a_bug(tmp_path, monkeypatch,
     assert pmemfs.cli.main(["info", "x.img"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("Traceback") and err.endswith("(this is a bug in pmemfs)\n")
+
+
+def test_the_cli_waits_for_a_starting_daemon_as_long_as_it_makes_progress(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A daemon scanning a huge crashed image says it is moving: the CLI waits past its timeout
+    for it, and gives up only on one that stays silent (killing it then, as before)."""
+    from pmemfs import client
+
+    monkeypatch.setattr(client, "MOUNT_TIMEOUT_S", 0.5)
+
+    # Stands for the daemon: writes each line to its ready pipe after a pause, then exits (the pipe
+    # closes: mounted), or with a long pause stays silent.
+    daemon_script = (
+        "import os, sys, time\n"
+        "for line in sys.argv[3:]:\n"
+        "    time.sleep(float(sys.argv[2]))\n"
+        "    os.write(int(sys.argv[1]), line.encode() + b'\\n')\n"
+    )
+
+    def start(lines: list[bytes], pause_s: float) -> tuple[int, subprocess.Popen]:
+        read_end, write_end = os.pipe()
+        daemon = subprocess.Popen(
+            [sys.executable, "-c", daemon_script, str(write_end), str(pause_s), *(x.decode() for x in lines)],
+            pass_fds=[write_end],
+        )
+        os.close(write_end)
+        return read_end, daemon
+
+    read_end, daemon = start([b"progress reading the registry records: %d%%" % p for p in range(0, 100, 20)], 0.3)
+    try:
+        assert client._read_until_eof(read_end, daemon) == ""  # 1.5 s of progress, each step within 0.5 s
+        assert daemon.wait(timeout=10) == 0  # not killed
+    finally:
+        os.close(read_end)
+    read_end, daemon = start([b"progress reading the registry records: 10%", b"never written"], 9)
+    try:
+        assert "made no progress" in client._read_until_eof(read_end, daemon)
+        assert daemon.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        os.close(read_end)
