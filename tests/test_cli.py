@@ -196,11 +196,12 @@ def test_an_info_block_for_an_image_under_16m_is_corrupt_not_a_usage_error(tmp_p
 
 def test_an_unexpected_exception_is_one_line_naming_a_bug(tmp_path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
     import pmemfs.cli
+    import pmemfs.region
 
     def broken(path: str) -> None:
         raise ValueError("unexpected\nvalue")
 
-    monkeypatch.setattr(pmemfs.cli, "read_image_info", broken)
+    monkeypatch.setattr(pmemfs.region, "read_image_info", broken)
     monkeypatch.delenv("PMEMFS_DEBUG", raising=False)
     assert pmemfs.cli.main(["info", "x.img"]) == 1
     err = capsys.readouterr().err
