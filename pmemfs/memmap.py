@@ -51,7 +51,7 @@ def open_registry(
 
     def back_chunk(chunk: int) -> None:
         offset = start + chunk * CHUNK_PAGES * RECORD_DTYPE.itemsize
-        region.allocate(offset, min(CHUNK_PAGES * RECORD_DTYPE.itemsize, end - offset))
+        region.back_with_zeros(offset, min(CHUNK_PAGES * RECORD_DTYPE.itemsize, end - offset))
 
     registry = PageRegistry(records, epoch=epoch, back_chunk=back_chunk, spill=_dram_records(npfns), shared=shared)
     extents = [

@@ -36,8 +36,7 @@ from .infoblock import (
     HeaderBlock,
     InfoBlock,
 )
-from .pagebits import all_set, new_bitmap, set_range
-from .shared import BADBLOCKS_GENERATION, FLAG_CELLS, HOLES_GENERATION, HOLES_LOCK, SharedState
+from .shared import BADBLOCKS_GENERATION, FLAG_CELLS, MAP_NORESERVE, SharedState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,10 +223,10 @@ def single_page_folios(fd: int, mapping: mmap.mmap) -> None:
     With readahead, the kernel caches a file in large folios (ext4 does since Linux 6.16): a store
     into one page of a folio then dirties all of it, and writeback allocates every block under it.
     A 4 KiB store could allocate 2 MiB (measured: 4 KiB stores at a 2 MiB stride grew an ext4 image
-    509x what they wrote), and on a full disk the store into a page we had allocated first would be
+    509x what they wrote), and on a full disk the store into a page we had written first would be
     a SIGBUS, for want of blocks for the rest of its folio. So no readahead: MADV_RANDOM on the
     mapping, POSIX_FADV_RANDOM on the file. Cold reads get their pages through WILLNEED instead
-    (Region._read_unknown), which reads single pages.
+    (Region._read_unknown).
     """
     mapping.madvise(mmap.MADV_RANDOM)
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
@@ -250,11 +249,15 @@ class Region:
         self.data = self.image[dataoff : dataoff + self.geometry.data_size].view(np.ndarray)
         self._data_bytes = self.data.data
         self.data_size = self.geometry.data_size
-        self._npages = -(-info.file_size // PAGE_SIZE)
         self._dataoff = dataoff
         self.previous_shutdown_clean = info.header.clean
         self.share_generations(None)
-        self._forget_allocations()
+        # Which pages of the image are known to have their blocks (see "Allocation" below), a byte a
+        # page in memory that the serving processes forked later share: what one of them wrote, the
+        # others store into through the mapping. Pages of it are taken only where pages are used.
+        known = mmap.mmap(-1, -(-info.file_size // PAGE_SIZE), flags=mmap.MAP_SHARED | MAP_NORESERVE)
+        self._known = np.frombuffer(known, dtype=np.uint8)
+        self._known_bytes = self._known.data  # a memoryview item costs a fifth of numpy's
 
     @classmethod
     def open(cls, path: str) -> Region:
@@ -289,11 +292,9 @@ class Region:
         self._write_header(self.read_header().replace(badblocks=extents))
 
     def share_generations(self, shared: SharedState | None) -> None:
-        """Use the serving processes' shared generation cells (None: this process's own), so that a
-        hole punched by one of them makes every other one allocate again before its next store there."""
-        self._shared = shared
+        """Use the serving processes' shared generation cells (None: this process's own): the
+        badblocks table's, bumped by every change of it."""
         self._cells = shared.flag_cells() if shared else memoryview(bytearray(FLAG_CELLS * 8)).cast("q")
-        self._seen_holes = self._cells[HOLES_GENERATION]
 
     def badblock_store(self) -> ImageBadBlockStore:
         return ImageBadBlockStore(self)
@@ -306,34 +307,28 @@ class Region:
         os.fdatasync(self.fd)
         self.header = header
 
-    # Allocation. Blocks of the image are allocated a page at a time before the first store into
-    # them, so that a full backing filesystem is an ENOSPC for the writer instead of a SIGBUS in
-    # the daemon, and a 4 KiB write allocates 4 KiB. This process remembers, a bit a page, what it
-    # knows to be allocated (it allocated it, or SEEK_DATA said so); a hole punched by any serving
-    # process makes every one of them forget it all (the holes generation).
-    def _forget_allocations(self) -> None:
-        self._known = new_bitmap(self._npages)
-        self._known_bytes = self._known.data  # a memoryview item costs a fifth of numpy's
-        self._seen_holes = self._cells[HOLES_GENERATION]
-
+    # Allocation. The first store into a page goes through pwrite (see _write_unknown), so that a
+    # full backing filesystem is an ENOSPC for the writer instead of a SIGBUS in the daemon, and a
+    # 4 KiB write allocates 4 KiB. ``_known`` says which pages have their blocks: written, or seen
+    # as data (SEEK_DATA). A page's byte is set only by a transfer that holds a reference on it, and
+    # cleared only by a punch, which no reference ever overlaps (zero keeps transfers out of its
+    # range; the carve-out is reset when nothing serves): a byte is never set for a hole.
     def read(self, offset: int, length: int) -> memoryview | bytes:
         """The bytes at [offset, +length) of the data area (the caller has clipped it to the end):
         a zero-copy view of the mapping where the pages are allocated, else a copy."""
-        if self._cells[HOLES_GENERATION] != self._seen_holes:
-            self._forget_allocations()
         start = self._dataoff + offset
         first, last = start >> PAGE_SHIFT, (start + length - 1) >> PAGE_SHIFT
         if first == last:
-            if self._known_bytes[first >> 3] >> (first & 7) & 1:
+            if self._known_bytes[first]:
                 return self._data_bytes[offset : offset + length]
-        elif all_set(self._known, first, last):
+        elif self._known[first : last + 1].all():
             return self._data_bytes[offset : offset + length]
         return self._read_unknown(offset, length)
 
     def _read_unknown(self, offset: int, length: int) -> memoryview | bytes:
-        """A read of pages this process has not seen allocated: ask the filesystem. A hole must not
-        be read through the mapping: on tmpfs a read fault on a hole of a shared mapping allocates a
-        page (and fails when tmpfs is full). Holes are read with pread, which allocates nothing."""
+        """A read of pages not known to be allocated: ask the filesystem. A hole must not be read
+        through the mapping: on tmpfs a read fault on a hole of a shared mapping allocates a page
+        (and fails when tmpfs is full). Holes are read with pread, which allocates nothing."""
         start = self._dataoff + offset
         end = start + length
         try:
@@ -345,32 +340,55 @@ class Region:
         if data_at >= end:
             return bytes(length)
         if data_at == start and os.lseek(self.fd, start, os.SEEK_HOLE) >= end:
-            # Only whole pages of data become known: a filesystem with 1 KiB blocks may have a
-            # page that is part data, part hole, and a store into its hole would need a block.
-            first, last = -(-start // PAGE_SIZE), end // PAGE_SIZE - 1
-            if first <= last:
-                set_range(self._known, first, last)
-            # Data this daemon has not touched is likely not in the page cache (written by an
-            # earlier mount): read it in at once, not a page fault at a time (no readahead here).
+            self._learn(start, end)
+            # Data nobody stored into in this mount is likely not in the page cache (an earlier
+            # mount wrote it): read it in at once, not a page fault at a time (no readahead here).
             os.posix_fadvise(self.fd, start, length, os.POSIX_FADV_WILLNEED)
             return self._data_bytes[offset : offset + length]
         return os.pread(self.fd, length, start)
 
+    def _learn(self, start: int, end: int) -> None:
+        """Mark the pages wholly inside [start, end) of the image as having their blocks. Only whole
+        pages: with blocks smaller than a page (a 1 KiB-block ext4) the rest may still be a hole."""
+        first, last = -(-start // PAGE_SIZE), end // PAGE_SIZE
+        if first < last:
+            self._known[first:last] = 1
+
     def write(self, offset: int, data: bytes | memoryview) -> None:
-        if self._cells[HOLES_GENERATION] != self._seen_holes:
-            self._forget_allocations()
         start = self._dataoff + offset
         first, last = start >> PAGE_SHIFT, (start + len(data) - 1) >> PAGE_SHIFT
         if first == last:
-            if not self._known_bytes[first >> 3] >> (first & 7) & 1:
-                self._allocate(first, last)
-        elif not all_set(self._known, first, last):
-            self._allocate(first, last)
+            if not self._known_bytes[first]:
+                return self._write_unknown(start, data)
+        elif not self._known[first : last + 1].all():
+            return self._write_unknown(start, data)
         self._data_bytes[offset : offset + len(data)] = data
 
-    def allocate(self, image_offset: int, length: int) -> None:
-        """Allocate the image's blocks under [image_offset, +length) before anything stores there."""
-        self._allocate(image_offset >> PAGE_SHIFT, (image_offset + length - 1) >> PAGE_SHIFT)
+    def _write_unknown(self, start: int, data: bytes | memoryview) -> None:
+        """Store into pages not known to be allocated: with pwrite, not through the mapping.
+
+        Into a hole of a full filesystem a store through the mapping is a SIGBUS in the daemon; a
+        pwrite is ENOSPC for the writer. And the filesystem allocates the blocks as it does for any
+        write: ext4's delayed allocation gives pages written in random order contiguous extents at
+        writeback, where allocating each page ahead (fallocate) made one extent a page (measured:
+        262144 random 4 KiB writes left 9 extents against 262144, whose fdatasync took 68 s, and a
+        first write took 8 us against 24). Once written, a page has its block, or the filesystem's
+        reservation for it: later stores into it, from any serving process, go through the mapping.
+        """
+        try:
+            written = os.pwrite(self.fd, data, start)
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpace(f"{self.path}: the backing filesystem is full") from None
+            raise PmemfsError(f"{self.path}: cannot write: {err.strerror}", errno=err.errno) from None
+        if written < len(data):
+            raise NoSpace(f"{self.path}: the backing filesystem is full ({written} of {len(data)} bytes written)")
+        self._learn(start, start + len(data))
+
+    def back_with_zeros(self, image_offset: int, length: int) -> None:
+        """Give [image_offset, +length) its blocks by writing zeros there, before stores through the
+        mapping: only for a range that holds nothing (the carve-out, reset at every mount)."""
+        self._write_unknown(image_offset, bytes(length))
 
     def punch_hole(self, image_offset: int, length: int) -> None:
         """Give whole pages back to the backing filesystem; they read as zeros afterwards."""
@@ -378,12 +396,8 @@ class Region:
             punch_hole(self.fd, image_offset, length)
         except OSError as err:
             raise PmemfsError(f"{self.path}: cannot punch a hole: {err.strerror}", errno=err.errno) from None
-        # Every serving process, this one too, must allocate again before its next store into the
-        # hole: each sees the generation change at its next read or write. The increment is a
-        # read-modify-write of a cell that every process may change: under a lock, or two punches at
-        # once could count as one and a process that saw the first would miss the second.
-        with self._shared.locked(HOLES_LOCK) if self._shared else contextlib.nullcontext():
-            self._cells[HOLES_GENERATION] += 1
+        # Every serving process stores into these pages with pwrite again, allocating them first.
+        self._known[image_offset // PAGE_SIZE : (image_offset + length) // PAGE_SIZE] = 0
 
     def extents(self, start: int, end: int) -> list[tuple[int, int]]:
         """The allocated (data) extents of the image within [start, end), from SEEK_DATA/SEEK_HOLE."""
@@ -402,18 +416,6 @@ class Region:
             found.append((data, min(hole, end)))
             offset = hole
         return found
-
-    def _allocate(self, first_page: int, last_page: int) -> None:
-        start = first_page * PAGE_SIZE
-        end = min((last_page + 1) * PAGE_SIZE, self.info.file_size)
-        try:
-            os.posix_fallocate(self.fd, start, end - start)
-        except OSError as err:
-            if err.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise NoSpace(f"{self.path}: the backing filesystem is full") from None
-            if err.errno != errno.EOPNOTSUPP:
-                raise PmemfsError(f"{self.path}: cannot allocate blocks: {err.strerror}", errno=err.errno) from None
-        set_range(self._known, first_page, last_page)
 
     def zero(self, offset: int, length: int, *, flush: bool = True) -> None:
         """Zero [offset, +length) of the data area in one operation (and one flush, unless the caller

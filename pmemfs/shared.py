@@ -54,7 +54,7 @@ assert len(COUNTERS) <= COUNTER_SLOTS
 DEVICE_ALIVE = 0  # 1 while new pins are allowed (the dev_pagemap reference is live)
 DEVICE_KILLER = 1  # the session that killed the device reference, revived when it closes
 BADBLOCKS_GENERATION = 2  # bumped by every change of the badblocks table
-HOLES_GENERATION = 3  # bumped by every hole punched into the data area
+# 3 was the holes generation, before the serving processes shared one map of allocated pages
 TRACE_IO = 4  # nonzero (the id of the session that asked) while every I/O transfer is traced
 # 0 while the I/O path has nothing to check (device alive, no I/O trace): one read per transfer
 # instead of two. Each condition owns one byte of it, written alone, so that two processes
@@ -71,7 +71,6 @@ FLAG_CELLS = 8
 # Cross-process locks: byte offsets of the lock file.
 ZEROING_LOCK = 0  # held by the serving process whose zero is under way
 FLAGS_LOCK = 1  # held while a session changes the device reference or the I/O trace (check, then write)
-HOLES_LOCK = 2  # held while the holes generation is bumped (read-modify-write)
 BACKING_LOCK = 3  # held while a chunk of page records goes from unbacked to backed (image or spill)
 SNAPSHOT_LOCK = 4  # held while a snapshot slot is claimed or heap space is handed out
 

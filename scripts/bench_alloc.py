@@ -17,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOBS = [
@@ -31,33 +32,43 @@ JOBS = [
 ]
 
 
-def fio(filename: str, args: list[str], runtime_s: float) -> dict:
+def fio(filename: str, args: list[str], runtime_s: int | None) -> dict:
     command = ["fio", "--name=alloc", "--output-format=json", f"--filename={filename}", "--direct=1", "--size=1G"]
-    command += ["--time_based", f"--runtime={runtime_s}", "--ramp_time=0.5", "--randrepeat=0", *args]
+    if runtime_s:
+        command += ["--time_based", f"--runtime={runtime_s}", "--ramp_time=1"]
+    command += ["--randrepeat=0", *args]
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     job = json.loads(out[out.index("{") :])["jobs"][0]
     return {"iops": job["read"]["iops"] + job["write"]["iops"], "bytes": job["write"]["io_bytes"]}
 
 
-def run_job(checkout: str, workdir: str, job: tuple[str, list[str], bool], runtime_s: float) -> dict:
+def run_job(checkout: str, workdir: str, job: tuple[str, list[str], bool], runtime_s: int) -> dict:
+    started = time.monotonic()
     env = {**os.environ, "PYTHONPATH": checkout}
-    pmemfs = [sys.executable, "-m", "pmemfs"]
     image, mountpoint = os.path.join(workdir, "alloc.img"), os.path.join(workdir, "mnt")
     os.makedirs(mountpoint, exist_ok=True)
-    subprocess.run(pmemfs + ["create", image, "--size", "1100M", "--force"], check=True, capture_output=True, env=env)
-    subprocess.run(pmemfs + ["mount", image, mountpoint], check=True, capture_output=True, env=env, cwd="/")
+
+    def pmemfs(*args: str) -> None:
+        command = [sys.executable, "-m", "pmemfs", *args]
+        result = subprocess.run(command, capture_output=True, text=True, env=env, cwd="/")
+        if result.returncode:
+            raise SystemExit(f"pmemfs {' '.join(args)} ({checkout}): {result.stderr.strip()}")
+
+    pmemfs("create", image, "--size", "1100M", "--force")
+    pmemfs("mount", image, mountpoint)
     try:
         pmem0 = os.path.join(mountpoint, "pmem0")
         name, args, filled = job
         if filled:
-            fio(pmem0, ["--rw=write", "--bs=1M", "--ioengine=psync", "--time_based=0", "--runtime=600"], 600)
+            fio(pmem0, ["--rw=write", "--bs=1M", "--ioengine=psync"], None)
         before = os.stat(image).st_blocks * 512
         result = fio(pmem0, args, runtime_s)
         result["allocated"] = os.stat(image).st_blocks * 512 - before
         return result
     finally:
-        subprocess.run(pmemfs + ["umount", mountpoint], check=True, capture_output=True, env=env)
+        pmemfs("umount", mountpoint)
         os.unlink(image)
+        print(f"{job[0]}, {checkout}: {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
 
 
 def main() -> int:
@@ -65,7 +76,7 @@ def main() -> int:
     parser.add_argument("--before", required=True, help="checkout to compare against (e.g. a git worktree)")
     parser.add_argument("--after", default=ROOT, help="checkout under test (default: this one)")
     parser.add_argument("--passes", type=int, default=3)
-    parser.add_argument("--runtime", type=float, default=2.0, help="seconds per job and pass (after a 0.5 s ramp)")
+    parser.add_argument("--runtime", type=int, default=2, help="seconds per job and pass (after a 1 s ramp)")
     parser.add_argument("--dir", default=os.path.join(ROOT, "build"), help="where the scratch image lives")
     args = parser.parse_args()
     checkouts = {"before": os.path.abspath(args.before), "after": os.path.abspath(args.after)}
