@@ -351,3 +351,34 @@ def test_holders_by_range_matches_a_scan_of_every_holder(registry: PageRegistry)
         for r in ranges
     ]
     assert holders_by_range(ranges, holders) == expected
+
+
+def test_zero_flushes_outside_the_window_in_which_transfers_wait(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A transfer into pages being zeroed waits for the zero: the window must hold the punch and the
+    stores, never a flush of the whole image (seconds, with gigabytes dirty) nor the header's."""
+    from pmemfs.badblocks import BadBlocks
+    from pmemfs.sessions import PinSessions, Session
+    from pmemfs.shared import GATE_ZEROING
+
+    with open_region(create_image(tmp_path / "x.img", "64M")) as region:
+        registry, _ = open_registry(region, previous_epoch=0, epoch=1)
+        badblocks = BadBlocks(region.data_size // 512, region.badblock_store())
+        sessions = PinSessions(registry, region, badblocks)
+        region.write(0, b"x" * 3 * PAGE_SIZE)
+        badblocks.add(8, 8)  # sectors of the second page: the zero clears them, a header write
+        gate_when: dict[str, list[int]] = {"flush": [], "header": []}
+        flush, write_header = region.flush, region._write_header
+
+        def watched_flush() -> None:
+            gate_when["flush"].append(registry.shared.flag_bytes()[GATE_ZEROING])
+            flush()
+
+        def watched_header(header):  # type: ignore[no-untyped-def]
+            gate_when["header"].append(registry.shared.flag_bytes()[GATE_ZEROING])
+            write_header(header)
+
+        region.flush, region._write_header = watched_flush, watched_header  # type: ignore[method-assign]
+        sessions.zero(Session(1, os.getpid()), 100, 2 * PAGE_SIZE)
+        assert gate_when == {"flush": [0], "header": [0]}
+        assert region.read(0, 3 * PAGE_SIZE) == b"x" * 100 + bytes(2 * PAGE_SIZE) + b"x" * (PAGE_SIZE - 100)
+        assert badblocks.extents == []
