@@ -467,6 +467,8 @@ class PageRegistry:
             "pinned_pages": sum(r["npages"] for r in ranges if r["refcount"] >= GUP_PIN_COUNTING_BIAS),
             "holders": len(self.holders()),
             "device_alive": self.alive,
+            # Pages whose records are in DRAM because the image's filesystem had no room for them.
+            "spilled_record_pages": int(np.count_nonzero(self._backed == SPILLED)) * CHUNK_PAGES,
         }
 
     # Trace: one ring per serving process, merged by time when read. Every I/O transfer is traced

@@ -312,6 +312,7 @@ def test_records_spill_to_dram_when_the_image_cannot_back_them() -> None:
         {"pfn": 2 * CHUNK_PAGES + 5, "npages": 1, "refcount": 1025, "pins": 1},
     ]
     assert registry.first_busy_page(CHUNK_PAGES, 3 * CHUNK_PAGES) == CHUNK_PAGES
+    assert registry.statistics()["spilled_record_pages"] == 2 * CHUNK_PAGES
     registry.end_transfers()
     registry.put_page(2 * CHUNK_PAGES + 5)
     registry.unpin_user_pages(CHUNK_PAGES - 2, 4)
