@@ -141,8 +141,9 @@ def start_daemon(
 ) -> int:
     """Start a background daemon and return its pid once the mount answers requests."""
     _check_mountpoint(mountpoint)
-    log_fd = open_log(os.path.abspath(log_path or default_log_path(mountpoint)), default=log_path is None)
+    default = log_path is None
     log_path = os.path.abspath(log_path or default_log_path(mountpoint))
+    log_fd = open_log(log_path, default=default)
     read_end, write_end = os.pipe()
     package_dir = os.path.dirname(os.path.abspath(__file__))
     # -P and cwd "/": nothing from the caller's working directory can shadow the package, and the
@@ -229,12 +230,17 @@ def _mounted_devices() -> dict[str, str]:
 
 
 def detach_loops(mountpoint: str) -> list[str]:
+    """Detach the loop devices over pmem0, refusing first if one is mounted or open: losetup -d of
+    an open loop device succeeds and only detaches it at its last close, taking it from its user."""
     pmem0 = os.path.join(os.path.abspath(mountpoint), "pmem0")
     devices = loop_devices_for(pmem0)
     mounted = _mounted_devices()
     for device in devices:
         if device in mounted:
             raise MountError(f"{device} (over {pmem0}) is mounted at {mounted[device]}: unmount it first")
+    users = processes_using_paths({device: os.path.basename(device) for device in devices})
+    if users:
+        raise MountError(f"{mountpoint} is busy: {'; '.join(users)}. Nothing was stopped: end or close those first")
     for device in devices:
         result = subprocess.run(["losetup", "-d", device], capture_output=True, text=True)
         if result.returncode != 0:
@@ -254,10 +260,16 @@ def open_files(mountpoint: str) -> int:
 
 
 def processes_using(mountpoint: str) -> list[str]:
-    """Who has pmem0 or dax0 open or mapped, as "pid 123 (fio) has pmem0 open" (from /proc, which
-    names them without asking the mount anything)."""
-    targets = {os.path.join(os.path.abspath(mountpoint), name): name for name in DATA_FILES}
-    found = []
+    """Who has pmem0 or dax0 open or mapped, as "pid 123 (fio) has pmem0 open"."""
+    return processes_using_paths({os.path.join(os.path.abspath(mountpoint), name): name for name in DATA_FILES})
+
+
+def processes_using_paths(targets: dict[str, str]) -> list[str]:
+    """Who has one of ``targets`` (path: name to say) open or mapped, from /proc, which names them
+    without asking the mount anything."""
+    found: list[str] = []
+    if not targets:
+        return found
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
@@ -353,6 +365,12 @@ class PinSession:
     def trace_io(self, on: bool) -> None:
         self._command(f"trace-io {'on' if on else 'off'}", "tracing I/O transfers")
 
+    def hold_opens(self) -> None:
+        self._command("hold-opens", "holding opens of pmem0/dax0 back")
+
+    def release_opens(self) -> None:
+        self._command("release-opens", "letting opens of pmem0/dax0 go on")
+
     def kill_device(self) -> None:
         self._command("kill", "killing the device reference")
 
@@ -424,16 +442,17 @@ PIN_ERRORS = {
 def drain_references(mountpoint: str, session: PinSession, timeout_s: float) -> list[dict[str, object]]:
     """Kill the device reference and wait for every page reference to go; return the holders left.
 
-    Only once no data file is open: from the kill on, opens of pmem0/dax0 get ENXIO, and a file
-    opened between the caller's check and the kill (the open counts itself before it looks at
-    the reference) makes this revive the reference and refuse, so no I/O ever sees the kill.
+    Only once no data file is open, and none can open meanwhile: the session first holds opens of
+    pmem0/dax0 back (the daemon refuses, EBUSY, if one is open), so no transfer ever sees the kill.
     """
-    session.kill_device()
     try:
-        refuse_if_busy(mountpoint)
-    except MountError:
-        session.revive_device()
-        raise
+        session.hold_opens()
+    except PmemfsError as err:
+        if err.errno != errno.EBUSY:
+            raise
+        refuse_if_busy(mountpoint)  # names who, if anyone can be named
+        raise MountError(f"{mountpoint} is busy: pmem0 or dax0 was opened meanwhile. Nothing was stopped") from None
+    session.kill_device()
     if poll_until(lambda: read_status(mountpoint)["registry"]["referenced_pages"] == 0, timeout_s, POLL_INTERVAL_S * 5):
         return []
     return read_pages(mountpoint)["holders"]
@@ -459,9 +478,13 @@ def unmount(mountpoint: str, *, timeout_s: float = 30.0) -> str:
     status = read_status(mountpoint)
     detach_loops(mountpoint)
     refuse_if_busy(mountpoint)
-    # Closing the session revives the device reference: on a timeout the mount goes on serving.
     with PinSession(mountpoint) as session:
         holders = drain_references(mountpoint, session, timeout_s)
+        if holders:
+            # On a timeout the mount goes on serving. Closing the session would revive the device
+            # too, but the kernel sends that release later: say it now, before we exit.
+            session.revive_device()
+            session.release_opens()
     if holders:
         lines = "\n".join("  " + describe_holder(h) for h in holders)
         raise PmemfsError(

@@ -11,6 +11,7 @@ and only then are the registry records of a daemon that died reset.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -34,7 +35,6 @@ log = logging.getLogger("pmemfs")
 
 FUSE_OPTIONS = ("fsname=pmemfs", "subtype=pmemfs", "default_permissions")
 EPOCH_MASK = 0xFFFFFFFF
-COUNTER_MAX = 2**64 - 1
 # While a start takes long (the registry scan after a crash of a daemon on a huge image), tell the
 # CLI this often that it is moving, so that it waits instead of giving up on it.
 PROGRESS_EVERY_S = 1.0
@@ -67,9 +67,9 @@ def run(
     # Do not mark the image clean on the way out unless this daemon really marked it dirty.
     mounted = False
     try:
-        mount_count = region.header.mount_count
-        # The epoch stamps this mount's records; mark_dirty makes it the header's mount count.
-        previous_epoch, epoch = mount_count & EPOCH_MASK, min(mount_count + 1, COUNTER_MAX) & EPOCH_MASK
+        # The epoch stamps this mount's records: the mount count that mark_dirty will write.
+        previous_epoch = region.header.mount_count & EPOCH_MASK
+        epoch = region.header.mounted(0).mount_count & EPOCH_MASK
         shared = SharedState(chunks_for(region.geometry.npfns))
         region.share_generations(shared)
         registry, stale = open_registry(region, previous_epoch, epoch, shared, _progress_reporter(ready_fd))
@@ -100,16 +100,14 @@ def run(
         except RuntimeError as err:
             return _fail_start(ready_fd, f"cannot mount {image} at {mountpoint}: {err}")
         try:
-            region.mark_dirty()
+            _commit_mount(region, _progress_reporter(ready_fd))
         except Exception as err:
             pyfuse3.close(unmount=True)
-            log.exception("cannot mark %s in use", image)
-            return _fail_start(ready_fd, f"cannot mark {image} in use: {err}")
+            log.exception("cannot start serving %s", image)
+            return _fail_start(ready_fd, f"cannot start serving {image}: {err}")
         mounted = True
         if not region.previous_shutdown_clean:
             log.warning("%s was not shut down cleanly (unclean shutdowns: %d)", image, region.header.unclean_shutdowns)
-        # The carve-out is volatile: whatever the last daemon left there goes, in one punch.
-        reset_records(region)
         _close_ready(ready_fd)
         log.info("serving %s at %s (pid %d)", image, mountpoint, os.getpid())
         membarrier.register()
@@ -133,6 +131,21 @@ def run(
         return 0
     finally:
         region.close(clean=mounted)
+
+
+def _commit_mount(region: Region, progress: Callable[[int, int], None]) -> None:
+    """Mark the image in use and reset the registry records a dead daemon left: the first writes
+    to the image, once the kernel has the mount. If the reset fails, the header goes back to what
+    it said, so a mount that fails counts neither a mount nor an unclean shutdown."""
+    before = region.header
+    region.mark_dirty()
+    try:
+        # The carve-out is volatile: whatever the last daemon left there goes, in bulk.
+        reset_records(region, progress)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            region.restore_header(before)
+        raise
 
 
 def _guarded_hook(registry: PageRegistry) -> Callable[[], None]:
@@ -164,7 +177,7 @@ def _progress_reporter(ready_fd: int | None) -> Callable[[int, int], None]:
         if ready_fd is None or now - last < PROGRESS_EVERY_S:
             return
         last = now
-        line = f"progress reading the registry records of the daemon that died: {100 * done // max(total, 1)}%"
+        line = f"progress resetting the registry records of the daemon that died: {100 * done // max(total, 1)}%"
         log.info("%s (%.0f s so far)", line.removeprefix("progress "), now - started)
         os.write(ready_fd, line.encode() + b"\n")
 

@@ -16,6 +16,8 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .errors import PmemfsError
+
 log = logging.getLogger("pmemfs")
 ENVIRONMENT = "PMEMFS_FAULTS"
 EXCEPTIONS: dict[str, Callable[[], BaseException]] = {
@@ -23,6 +25,8 @@ EXCEPTIONS: dict[str, Callable[[], BaseException]] = {
     "MemoryError": lambda: MemoryError("injected"),
     "RuntimeError": lambda: RuntimeError("injected bug"),
     "ValueError": lambda: ValueError("injected bad value"),
+    # What pmemfs's own code raises for a filesystem that cannot punch holes (vfat, NFSv3).
+    "EOPNOTSUPP": lambda: PmemfsError("injected: operation not supported", errno=errno.EOPNOTSUPP),
 }
 
 
@@ -41,10 +45,8 @@ def install(collaborators: Mapping[str, object], spec: str | None = None) -> lis
         if owner is None or not hasattr(owner, method) or kind not in EXCEPTIONS:
             raise ValueError(f"{ENVIRONMENT}: cannot inject {item!r}")
         setattr(owner, method, _failing_once(getattr(owner, method), EXCEPTIONS[kind], fired, index))
-    armed = items
-    if armed:
-        log.warning("injecting faults (%s): %s", ENVIRONMENT, ", ".join(armed))
-    return armed
+    log.warning("injecting faults (%s): %s", ENVIRONMENT, ", ".join(items))
+    return items
 
 
 def _failing_once(

@@ -161,9 +161,7 @@ class PmemOperations(pyfuse3.Operations):
         return {name: totals[name] for name in IO_COUNTERS}
 
     def open_data_files(self) -> int:
-        """pmem0/dax0 handles open now, over all serving processes (a mapping holds one until unmapped)."""
-        totals = self.registry.shared.counter_totals()
-        return totals["data_opens"] - totals["data_releases"]
+        return self.registry.shared.open_data_files()
 
     def _count(self, counter: int, n: int = 1) -> None:
         self.registry.counter_row[counter] += n
@@ -203,7 +201,11 @@ class PmemOperations(pyfuse3.Operations):
         if slot is None:
             raise pyfuse3.FUSEError(errno.ENFILE)  # every snapshot slot is held by an open control file
         fh = self._new_fh(inode, True, pid, slot=slot)
-        shared.store_snapshot(slot, fh, content)
+        try:
+            shared.store_snapshot(slot, fh, content)
+        except BaseException:
+            shared.free_snapshot(slot, -1)  # a slot claimed for an open that failed
+            raise
         return fh
 
     # Namespace
@@ -289,13 +291,10 @@ class PmemOperations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         self.registry.end_transfers()
         if inode in DATA_FILES:
-            # Counted before the device reference is looked at, as a transfer takes its reference
-            # before it looks at the gate: a teardown that kills the reference and then counts open
-            # files (membarrier in between) sees this open, or this open sees the reference dead.
+            # Counted before the unmount's hold is looked at (see PageRegistry.hold_opens).
             self._count(DATA_OPENS)
-            if not self.registry.alive:
+            if not self.registry.may_open():
                 self._count(DATA_RELEASES)
-                self.registry.count_refused()
                 raise pyfuse3.FUSEError(errno.ENXIO)  # the device is going away, as a removed disk
             # O_TRUNC is ignored, as a block device ignores it, so `dd of=pmem0` keeps the media.
             direct = bool(flags & os.O_DIRECT) and inode == PMEM0_INODE
@@ -318,7 +317,7 @@ class PmemOperations(pyfuse3.Operations):
             self._count(ERRORS)
             raise pyfuse3.FUSEError(errno.EINVAL)
 
-    def _snapshot(self, fh: int, handle: OpenFile, off: int) -> bytes:
+    def _snapshot(self, fh: int, handle: OpenFile, off: int, size: int) -> bytes:
         """A control file's content for a read. A control file shows what it held at open; a pin
         session lists its pins afresh at every read at offset 0. Later reads of either continue
         the same snapshot, whichever serving process rendered it."""
@@ -328,7 +327,7 @@ class PmemOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBADF)
         if handle.session is not None and off == 0:
             shared.store_snapshot(slot, fh, self.sessions.listing(handle.session))
-        snapshot = shared.load_snapshot(slot, fh)
+        snapshot = shared.load_snapshot(slot, fh, off, size)
         if snapshot is None:
             raise pyfuse3.FUSEError(errno.EBADF)  # released meanwhile
         return snapshot
@@ -340,7 +339,7 @@ class PmemOperations(pyfuse3.Operations):
                 self.registry.end_transfers()
             handle = self._open.get(fh) or self._handle(fh)
             if not handle.file_code:
-                return self._snapshot(fh, handle, off)[off : off + size]
+                return self._snapshot(fh, handle, off, size)
             self._check_transfer(handle, off, size)
             if off >= self.data_size or size == 0:
                 return b""
@@ -426,12 +425,16 @@ class PmemOperations(pyfuse3.Operations):
 
     @_guarded
     async def release(self, fh: int) -> None:
-        self.registry.end_transfers()
+        # The kernel sends a release once: what it undoes must be undone whatever else fails here,
+        # or the handle stays counted open (no umount), its pins held and its slot taken for good.
         handle = self._open.pop(fh, None) or OpenFile.from_fh(fh)
         if handle.file_code:
             self._count(DATA_RELEASES)
         slot = OpenFile.snapshot_slot(fh)
-        if slot is not None:
-            self.registry.shared.free_snapshot(slot, fh)
-        if handle.session is not None:
-            self.sessions.close(handle.session)
+        try:
+            if slot is not None:
+                self.registry.shared.free_snapshot(slot, fh)
+        finally:
+            if handle.session is not None:
+                self.sessions.close(handle.session)
+        self.registry.end_transfers()  # other requests' transfers: last, so their failure spoils nothing here

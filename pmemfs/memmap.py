@@ -9,12 +9,14 @@ image's filesystem is full, records that cannot be allocated there go to a DRAM 
 
 from __future__ import annotations
 
+import errno
 import logging
 import mmap
 from collections.abc import Callable
 
 import numpy as np
 
+from .errors import PmemfsError
 from .infoblock import PAGE_SIZE, RESERVED_HEAD
 from .pages import CHUNK_PAGES, RECORD_DTYPE, PageRegistry
 from .region import Region
@@ -22,6 +24,7 @@ from .shared import MAP_NORESERVE, SharedState
 
 log = logging.getLogger("pmemfs")
 MEMMAP_OFFSET = RESERVED_HEAD
+RESET_PIECE_BYTES = 256 << 20
 
 
 def memmap_span(region: Region) -> tuple[int, int]:
@@ -74,8 +77,23 @@ def _dram_records(npfns: int) -> np.ndarray:
     return np.frombuffer(dram, dtype=RECORD_DTYPE)
 
 
-def reset_records(region: Region) -> None:
-    """Zero every record at once by punching the carve-out back to a hole."""
-    if region.geometry.map == "dev":
-        start, end = memmap_span(region)
-        region.punch_hole(start, end - start)
+def reset_records(region: Region, progress: Callable[[int, int], None] = lambda done, total: None) -> None:
+    """Zero every record: punch the carve-out's allocated extents back to holes, a bounded piece at
+    a time (a crashed daemon on a huge image may have left gigabytes of them; ``progress`` hears of
+    each piece), or, on a filesystem that cannot punch holes, write zeros over them."""
+    if region.geometry.map != "dev":
+        return
+    start, end = memmap_span(region)
+    extents = region.extents(start, end)
+    total, done = sum(hi - lo for lo, hi in extents), 0
+    for lo, hi in extents:
+        for piece in range(lo, hi, RESET_PIECE_BYTES):
+            length = min(RESET_PIECE_BYTES, hi - piece)
+            try:
+                region.punch_hole(piece, length)
+            except PmemfsError as err:
+                if err.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                region.write_zeros(piece, length)
+            done += length
+            progress(done, total)

@@ -30,6 +30,7 @@ import numpy as np
 from . import membarrier
 from .errors import DeviceGone, NoSpace, PageBusy, PmemfsError, UnbalancedPut
 from .infoblock import PAGE_SHIFT, PAGE_SIZE
+from .ranges import runs
 from .shared import (
     BACKING_LOCK,
     COUNTER,
@@ -42,6 +43,7 @@ from .shared import (
     HOLDER_SLOTS,
     IO_GATE,
     NCOLUMNS,
+    OPENS_HELD,
     REGISTRY_COUNTERS,
     TRACE_DTYPE,
     TRACE_EVENTS,
@@ -54,6 +56,12 @@ from .shared import (
 )
 
 GUP_PIN_COUNTING_BIAS = 1024
+# An open of pmem0/dax0 that finds opens held back waits this long for the unmount's check to back
+# off (it takes microseconds when a file is open) before it fails with ENXIO, looking this often.
+# No longer: a serving process waiting here serves nothing else, and with one serving process the
+# unmount's own requests would wait behind it.
+OPEN_WAIT_S = 0.02
+OPEN_POLL_S = 0.001
 # A transfer into pages that a zero is clearing waits for it, as I/O waits on a truncate's lock,
 # this long at most (then EBUSY: a zero takes milliseconds); it looks again this often.
 ZEROING_WAIT_S = 10.0
@@ -262,7 +270,7 @@ class PageRegistry:
         states = self._backed[first : last + 1]
         values = np.zeros(npages, dtype=np.int64)
         for state, refs in ((IN_IMAGE, self._refs), (SPILLED, self._spill_refs)):
-            for c0, c1 in _runs(np.flatnonzero(states == state) + first):
+            for c0, c1 in runs(np.flatnonzero(states == state) + first):
                 lo, hi = max(pfn, c0 * CHUNK_PAGES), min(pfn + npages, c1 * CHUNK_PAGES)
                 block = refs[lo:hi]
                 values[lo - pfn : hi - pfn] = block.sum(axis=1) if column is None else block[:, column]
@@ -405,6 +413,40 @@ class PageRegistry:
             self._flag_bytes[GATE_DEVICE_DEAD] = 1  # last: a transfer that sees it finds the rest set
         membarrier.barrier()  # a transfer's reference, or its sight of the gate: never neither
         self.trace("teardown", 0, "", 0, 0, "device reference killed: new pins fail with ENXIO")
+
+    # Holding opens back: how an unmount makes sure that no data file is open before it kills the
+    # device reference, so that no transfer ever sees the kill. An open counts itself and then
+    # looks at the hold; the unmount holds opens, runs membarrier, then counts: it sees the open,
+    # or the open sees the hold (and waits for the unmount to go on or back off).
+    def hold_opens(self, session: int) -> None:
+        """Hold new opens of pmem0/dax0 back; PageBusy (EBUSY, and opens let go again) if any is open."""
+        with self.shared.locked(FLAGS_LOCK):
+            self._flags[OPENS_HELD] = session
+        membarrier.barrier()
+        still_open = self.shared.open_data_files()
+        if still_open:
+            self.release_opens(session)
+            raise PageBusy(f"{still_open} pmem0/dax0 handle(s) open")
+        self.trace("teardown", 0, "", 0, 0, "new opens of pmem0/dax0 held back")
+
+    def release_opens(self, session: int | None = None) -> None:
+        """Let opens go on again; with ``session``, only if that session held them."""
+        with self.shared.locked(FLAGS_LOCK):
+            if session is None or self._flags[OPENS_HELD] == session:
+                self._flags[OPENS_HELD] = 0
+
+    def may_open(self) -> bool:
+        """For an open of a data file, counted already: whether it may go on. At once when no unmount
+        is under way; else if the unmount's check backs off within OPEN_WAIT_S: False if the device
+        is going away, as a removed disk's opens fail."""
+        flags = self._flags
+        deadline = time.monotonic() + OPEN_WAIT_S
+        while flags[OPENS_HELD] or not flags[DEVICE_ALIVE]:
+            if time.monotonic() > deadline:
+                self.counter_row[NR_REFUSED] += 1
+                return False
+            time.sleep(OPEN_POLL_S)
+        return True
 
     def revive(self, killer: int | None = None) -> bool:
         """Make the device reference live again; with ``killer``, only if that session killed it.
@@ -635,15 +677,6 @@ def holders_by_range(ranges: list[dict[str, int]], holders: list[Holder]) -> lis
                 found[i].append(index)
             i += 1
     return found
-
-
-def _runs(indices: np.ndarray) -> list[tuple[int, int]]:
-    """[start, end) runs of consecutive values in a sorted index array."""
-    if not len(indices):
-        return []
-    breaks = np.flatnonzero(np.diff(indices) != 1) + 1
-    starts, ends = indices[np.r_[0, breaks]], indices[np.r_[breaks - 1, len(indices) - 1]] + 1
-    return list(zip(starts.tolist(), ends.tolist(), strict=True))
 
 
 def _append_runs(ranges: list[dict[str, int]], pfns: np.ndarray, counts: np.ndarray) -> None:

@@ -36,7 +36,11 @@ from .infoblock import (
     HeaderBlock,
     InfoBlock,
 )
+from .ranges import runs
 from .shared import BADBLOCKS_GENERATION, FLAG_CELLS, MAP_NORESERVE, SharedState
+
+# A filesystem that cannot punch holes has the carve-out zeroed by reading it this much at a time.
+ZERO_SCAN_BYTES = 16 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,6 +236,24 @@ def single_page_folios(fd: int, mapping: mmap.mmap) -> None:
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
 
 
+def seek_reports_holes(directory: str) -> bool:
+    """Whether the filesystem under ``directory`` tells holes from data. Linux answers SEEK_DATA and
+    SEEK_HOLE on any filesystem, but where it cannot tell (ext2, vfat, NFSv3, 9p) it calls the whole
+    file data: a hole learned as data there would be stored into through the mapping. Probed with an
+    unnamed temporary file; False when it cannot be."""
+    try:
+        fd = os.open(directory or ".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return False
+    try:
+        os.ftruncate(fd, PAGE_SIZE * 16)
+        return os.lseek(fd, 0, os.SEEK_HOLE) == 0
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 class Region:
     """An open image: locked, mapped once with numpy memmap, with the data area as a byte view."""
 
@@ -254,10 +276,12 @@ class Region:
         self.share_generations(None)
         # Which pages of the image are known to have their blocks (see "Allocation" below), a byte a
         # page in memory that the serving processes forked later share: what one of them wrote, the
-        # others store into through the mapping. Pages of it are taken only where pages are used.
+        # others store into through the mapping. Its memory is taken as pages are read or written
+        # (a read fault on shared memory takes a page too): 256 MiB for the whole of a 1 TiB image.
         known = mmap.mmap(-1, -(-info.file_size // PAGE_SIZE), flags=mmap.MAP_SHARED | MAP_NORESERVE)
         self._known = np.frombuffer(known, dtype=np.uint8)
         self._known_bytes = self._known.data  # a memoryview item costs a fifth of numpy's
+        self._holes_visible = seek_reports_holes(os.path.dirname(path))
 
     @classmethod
     def open(cls, path: str) -> Region:
@@ -299,6 +323,10 @@ class Region:
     def badblock_store(self) -> ImageBadBlockStore:
         return ImageBadBlockStore(self)
 
+    def restore_header(self, header: Header) -> None:
+        """Write back a header read earlier (a mount that failed after marking the image in use)."""
+        self._write_header(header)
+
     def _write_header(self, header: Header) -> None:
         # Which copy to overwrite depends on what is on the media now, not on what this process read
         # at open: a serving process may have written the header since.
@@ -310,9 +338,13 @@ class Region:
     # Allocation. The first store into a page goes through pwrite (see _write_unknown), so that a
     # full backing filesystem is an ENOSPC for the writer instead of a SIGBUS in the daemon, and a
     # 4 KiB write allocates 4 KiB. ``_known`` says which pages have their blocks: written, or seen
-    # as data (SEEK_DATA). A page's byte is set only by a transfer that holds a reference on it, and
-    # cleared only by a punch, which no reference ever overlaps (zero keeps transfers out of its
-    # range; the carve-out is reset when nothing serves): a byte is never set for a hole.
+    # as data (SEEK_DATA). A data page's byte is set only by a transfer that holds a reference on
+    # it (or by the zero that holds its range); the carve-out's, under BACKING_LOCK for a chunk
+    # nobody references yet. It is cleared before a punch, which no reference ever overlaps: zero
+    # keeps transfers out of its range, the carve-out is reset when nothing serves. A transfer takes
+    # its reference and then looks at the zero's gate, the zero closes the gate, runs membarrier and
+    # then looks for references (pages.py): so on x86's ordering a transfer that goes on sees the
+    # bytes the zero cleared, and a byte is never 1 for a hole.
     def read(self, offset: int, length: int) -> memoryview | bytes:
         """The bytes at [offset, +length) of the data area (the caller has clipped it to the end):
         a zero-copy view of the mapping where the pages are allocated, else a copy."""
@@ -339,7 +371,7 @@ class Region:
             data_at = end  # nothing but hole up to the end of the file
         if data_at >= end:
             return bytes(length)
-        if data_at == start and os.lseek(self.fd, start, os.SEEK_HOLE) >= end:
+        if data_at == start and self._holes_visible and os.lseek(self.fd, start, os.SEEK_HOLE) >= end:
             self._learn(start, end)
             # Data nobody stored into in this mount is likely not in the page cache (an earlier
             # mount wrote it): read it in at once, not a page fault at a time (no readahead here).
@@ -392,12 +424,22 @@ class Region:
 
     def punch_hole(self, image_offset: int, length: int) -> None:
         """Give whole pages back to the backing filesystem; they read as zeros afterwards."""
+        # Forgotten first: a punch that fails half-way may have freed some of the blocks, and a page
+        # not known to be allocated is only ever written with pwrite (0 is always safe).
+        self._known[image_offset // PAGE_SIZE : (image_offset + length) // PAGE_SIZE] = 0
         try:
             punch_hole(self.fd, image_offset, length)
         except OSError as err:
             raise PmemfsError(f"{self.path}: cannot punch a hole: {err.strerror}", errno=err.errno) from None
-        # Every serving process stores into these pages with pwrite again, allocating them first.
-        self._known[image_offset // PAGE_SIZE : (image_offset + length) // PAGE_SIZE] = 0
+
+    def write_zeros(self, image_offset: int, length: int) -> None:
+        """Zero [image_offset, +length) where it is not zero already, for a filesystem that cannot punch
+        holes (writing zeros everywhere would allocate what was never used)."""
+        for piece in range(image_offset, image_offset + length, ZERO_SCAN_BYTES):
+            end = min(piece + ZERO_SCAN_BYTES, image_offset + length)
+            pages = self.image[piece:end].view(np.ndarray).reshape(-1, PAGE_SIZE)
+            for lo, hi in runs(np.flatnonzero(pages.any(axis=1))):
+                os.pwrite(self.fd, bytes((hi - lo) * PAGE_SIZE), piece + lo * PAGE_SIZE)
 
     def extents(self, start: int, end: int) -> list[tuple[int, int]]:
         """The allocated (data) extents of the image within [start, end), from SEEK_DATA/SEEK_HOLE."""

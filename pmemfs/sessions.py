@@ -9,6 +9,8 @@ A session is one open file description. The client writes one command per write(
     uninject SECTOR COUNT               forget poisoned sectors without touching the data
     clear-errors                        zero every poisoned sector, clearing the poison
     trace-io on|off                     trace every I/O transfer's get/put/pin/unpin while this session is open
+    hold-opens                          hold new opens of pmem0/dax0 back (EBUSY if one is open): unmount
+    release-opens                       let them go on
     kill                                kill the device reference (teardown: new pins get ENXIO)
     revive                              revive it, if this session killed it (else EBUSY)
 
@@ -20,6 +22,7 @@ reference that this session killed.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 
 from .badblocks import BadBlocks
@@ -27,6 +30,8 @@ from .errors import InvalidRange, LongtermNotSupported, PageBusy, PmemfsError, S
 from .infoblock import PAGE_SIZE, SECTOR_SIZE
 from .pages import Holder, Kind, PageRegistry
 from .region import Region
+
+log = logging.getLogger("pmemfs")
 
 # Which views allow FOLL_LONGTERM: devdax does, fsdax does not (Linux refuses it on fsdax).
 LONGTERM_ALLOWED = {"pmem0": False, "dax0": True}
@@ -83,6 +88,10 @@ class PinSessions:
             self.clear_errors(session)
         elif verb == "trace-io" and args in (["on"], ["off"]):
             self.registry.trace_io(session.id, args == ["on"])
+        elif verb == "hold-opens" and not args:
+            self.registry.hold_opens(session.id)
+        elif verb == "release-opens" and not args:
+            self.registry.release_opens(session.id)
         elif verb == "kill" and not args:
             self.registry.kill(session.id)
         elif verb == "revive" and not args:
@@ -147,16 +156,33 @@ class PinSessions:
         ).encode()
 
     def close(self, session: Session) -> None:
+        """Drop the session's pins and undo its teardown. Each step whatever the others did: a
+        session is closed once, and what it leaves behind stays for good."""
         gone = not _process_running(session.pid)
+        failed = 0
         for holder in self.registry.holders(session=session.id):
-            self.registry.drop(holder)
-            self.registry.trace(
-                "unpin", session.pid, holder.file, holder.pfn, holder.npages,
-                f"session pin {holder.id} dropped: " + ("client died" if gone else "session closed"),
-            )  # fmt: skip
-        self.registry.revive(killer=session.id)
-        self.registry.trace_io(session.id, False)
+            try:
+                self.registry.drop(holder)
+                self.registry.trace(
+                    "unpin", session.pid, holder.file, holder.pfn, holder.npages,
+                    f"session pin {holder.id} dropped: " + ("client died" if gone else "session closed"),
+                )  # fmt: skip
+            except Exception:
+                failed += 1
+                log.exception("dropping pin %d of a closed session failed", holder.id)
+        for undo in (
+            lambda: self.registry.release_opens(session.id),
+            lambda: self.registry.revive(killer=session.id),
+            lambda: self.registry.trace_io(session.id, False),
+        ):
+            try:
+                undo()
+            except Exception:
+                failed += 1
+                log.exception("undoing what a closed session did failed")
         self.registry.trace("session", session.pid, "", 0, 0, "closed" + (" (client died)" if gone else ""))
+        if failed:
+            raise PmemfsError(f"closing the session left {failed} thing(s) undone (see the log)")
 
 
 def _pages(offset: int, length: int) -> tuple[int, int]:

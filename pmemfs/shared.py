@@ -3,8 +3,8 @@
 Requests land in any serving process, so whatever must be exact across them lives here. Most of it
 needs no lock: each process writes only its own row of counters and its own trace ring and holder
 slots (column = its index), and readers sum or merge. The few cells that several processes change
-with a read-modify-write (device reference, holes generation, which records are backed, the
-snapshot slots and heap) change under a POSIX record lock on one memfd, byte ``*_LOCK`` of it: a
+with a read-modify-write (device reference, held opens, which records are backed, the snapshot
+slots and heap) change under a POSIX record lock on one memfd, byte ``*_LOCK`` of it: a
 holder that dies drops its lock with it.
 """
 
@@ -54,7 +54,9 @@ assert len(COUNTERS) <= COUNTER_SLOTS
 DEVICE_ALIVE = 0  # 1 while new pins are allowed (the dev_pagemap reference is live)
 DEVICE_KILLER = 1  # the session that killed the device reference, revived when it closes
 BADBLOCKS_GENERATION = 2  # bumped by every change of the badblocks table
-# 3 was the holes generation, before the serving processes shared one map of allocated pages
+# Nonzero (the id of the session that asked) while an unmount holds new opens of pmem0/dax0 back
+# to find out whether any is open: opens wait until it goes on (then ENXIO) or backs off.
+OPENS_HELD = 3
 TRACE_IO = 4  # nonzero (the id of the session that asked) while every I/O transfer is traced
 # 0 while the I/O path has nothing to check (device alive, no I/O trace): one read per transfer
 # instead of two. Each condition owns one byte of it, written alone, so that two processes
@@ -173,7 +175,8 @@ class SharedState:
 
     @contextlib.contextmanager
     def locked(self, which: int) -> Iterator[None]:
-        """Hold lock ``which``, waiting for it: only for a few stores, never around I/O."""
+        """Hold lock ``which``, waiting for it: only for a few stores, or one small write (backing a
+        chunk of records, storing a snapshot row), never around a flush or a wait."""
         fcntl.lockf(self._locks, fcntl.LOCK_EX, 1, which)
         try:
             yield
@@ -183,6 +186,11 @@ class SharedState:
     def counter_totals(self) -> dict[str, int]:
         totals = self.counters.sum(axis=0)
         return {name: int(totals[i]) for i, name in enumerate(COUNTERS)}
+
+    def open_data_files(self) -> int:
+        """pmem0/dax0 handles open now, over all serving processes (a mapping holds one until unmapped)."""
+        totals = self.counter_totals()
+        return totals["data_opens"] - totals["data_releases"]
 
     # Snapshots.
     def claim_snapshot_slot(self) -> int | None:
@@ -202,28 +210,31 @@ class SharedState:
             # A bump allocator over a sparse file: offsets are never reused, space is punched back.
             offset = int(self._heap_end[0])
             self._heap_end[0] = offset + size
-            _, old_offset, old_length = (int(v) for v in self.snapshot_heads[slot])
         if data:
             os.pwrite(self._snapshot_heap, data, offset)
-        # The owner goes last and first: a reader that sees it also sees the offset and length.
-        self.snapshot_heads[slot, 0] = -1
-        self.snapshot_heads[slot, 1:] = (offset, len(data))
-        self.snapshot_heads[slot, 0] = owner
-        self._punch(old_offset, old_length)
+        # The row changes under the lock that readers take: none sees a row half old, half new, or
+        # reads space being punched; of two stores at once, each punches what it replaced.
+        with self.locked(SNAPSHOT_LOCK):
+            _, old_offset, old_length = (int(v) for v in self.snapshot_heads[slot])
+            self.snapshot_heads[slot] = (owner, offset, len(data))
+            self._punch(old_offset, old_length)
 
-    def load_snapshot(self, slot: int, owner: int) -> bytes | None:
-        stored_owner, offset, length = (int(v) for v in self.snapshot_heads[slot])
-        if stored_owner != owner:
-            return None
-        return os.pread(self._snapshot_heap, length, offset) if length else b""
+    def load_snapshot(self, slot: int, owner: int, start: int = 0, size: int | None = None) -> bytes | None:
+        """Bytes [start, start + size) of the snapshot of handle ``owner`` (None: not its slot any more)."""
+        with self.locked(SNAPSHOT_LOCK):
+            stored_owner, offset, length = (int(v) for v in self.snapshot_heads[slot])
+            if stored_owner != owner:
+                return None
+            size = length - start if size is None else min(size, length - start)
+            return os.pread(self._snapshot_heap, size, offset + start) if size > 0 else b""
 
     def free_snapshot(self, slot: int, owner: int) -> None:
         with self.locked(SNAPSHOT_LOCK):
             stored_owner, offset, length = (int(v) for v in self.snapshot_heads[slot])
-            if stored_owner != owner:
+            if stored_owner not in (owner, -1):
                 return
             self.snapshot_heads[slot] = (0, 0, 0)
-        self._punch(offset, length)
+            self._punch(offset, length)
 
     def _punch(self, offset: int, length: int) -> None:
         if length:

@@ -66,3 +66,22 @@ def test_umount_refuses_while_the_loop_device_is_mounted(tmp_path) -> None:  # t
             assert mount.status()["blockdev"] == device
         finally:
             run("umount", str(ext4))
+
+
+def test_umount_refuses_while_a_process_has_the_loop_device_open(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """losetup -d of an open loop device succeeds and detaches it only at its last close: the user
+    would lose the device under their feet. umount must refuse first, naming who has it open."""
+    image = create_image(tmp_path / "pmem.img", "64M")
+    with mounted(image, str(tmp_path / "mnt"), "--loop") as mount:
+        device = mount.status()["blockdev"]
+        fd = os.open(device, os.O_RDONLY)
+        try:
+            result = pmemfs("umount", mount.mountpoint, check=False)
+            assert result.returncode == 1 and f"pid {os.getpid()}" in result.stderr, result.stderr
+            assert os.path.basename(device) in result.stderr
+            assert mount.status()["blockdev"] == device  # still attached
+            with open(f"/sys/block/{os.path.basename(device)}/loop/autoclear") as autoclear:
+                assert autoclear.read().strip() == "0"  # and not set to go at the last close
+            assert len(os.pread(fd, 4096, 0)) == 4096
+        finally:
+            os.close(fd)

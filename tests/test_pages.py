@@ -383,3 +383,35 @@ def test_zero_flushes_outside_the_window_in_which_transfers_wait(tmp_path) -> No
         assert gate_when == {"flush": [0], "header": [0]}
         assert region.read(0, 3 * PAGE_SIZE) == b"x" * 100 + bytes(2 * PAGE_SIZE) + b"x" * (PAGE_SIZE - 100)
         assert badblocks.extents == []
+
+
+def test_snapshots_stored_and_read_at_once_are_read_whole_and_leak_nothing() -> None:
+    """A pin session's listing is stored anew at every read at offset 0, by any serving process, while
+    others read it: every read is one whole listing, and replaced listings give their memory back."""
+    shared = SharedState()
+    slot = shared.claim_snapshot_slot()
+    assert slot is not None
+    versions = [bytes([65 + i]) * (3000 + 1000 * i) for i in range(4)]
+    shared.store_snapshot(slot, 99, versions[0])
+
+    def rewrite() -> None:
+        for n in range(3000):
+            shared.store_snapshot(slot, 99, versions[n % 4])
+
+    results: list[tuple[int, float]] = []
+    writers = [threading.Thread(target=lambda: results.append(_in_child(rewrite))) for _ in range(2)]
+    for writer in writers:
+        writer.start()
+    torn = reads = 0
+    while any(writer.is_alive() for writer in writers):
+        reads += 1
+        torn += shared.load_snapshot(slot, 99) not in versions
+    for writer in writers:
+        writer.join()
+    assert [status for status, _ in results] == [0, 0]
+    assert reads > 100 and torn == 0
+    assert shared.load_snapshot(slot, 99, 1000, 10) == shared.load_snapshot(slot, 99)[1000:1010]  # type: ignore[index]
+    # One snapshot of at most 6 KiB is live: the heap holds its pages, not the 6000 replaced ones.
+    assert os.fstat(shared._snapshot_heap).st_blocks * 512 <= 2 * 4096
+    shared.free_snapshot(slot, 99)
+    assert os.fstat(shared._snapshot_heap).st_blocks == 0

@@ -11,12 +11,14 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 from conftest import PMEMFS, DirectFile, Mount, mounted, pmemfs, process_alive, wait_for
 
 from pmemfs.client import PinSession
+from pmemfs.errors import PmemfsError
 
 pytestmark = pytest.mark.usefixtures("serving_mode")
 
@@ -255,3 +257,25 @@ def test_stale_pins_of_a_killed_daemon_are_reported_and_reset(image: str, tmp_pa
         }
         assert "stale references reset at mount: 10 page(s)" in pmemfs("status", mountpoint).stdout
         assert_balanced(mount)
+
+
+def test_opens_held_back_by_an_unmount_fail_fast_and_an_open_file_makes_it_back_off(mount: Mount) -> None:
+    """An unmount holds opens of pmem0/dax0 back before it kills the device reference, so that no data
+    file can be open when it does: with one open, holding is refused (EBUSY) and nothing changes;
+    while opens are held, an open fails at once with ENXIO, as a disk being removed does, and works
+    again once they are let go."""
+    with DirectFile(mount.pmem0) as direct, PinSession(mount.mountpoint) as unmounter:
+        with pytest.raises(PmemfsError) as busy:
+            unmounter.hold_opens()
+        assert busy.value.errno == errno.EBUSY
+        direct.pread(4096, 0)
+    wait_for(lambda: mount.status()["open_files"] == 0, what="the release of pmem0")
+    with PinSession(mount.mountpoint) as unmounter:
+        unmounter.hold_opens()
+        started = time.monotonic()
+        with pytest.raises(OSError) as refused:
+            DirectFile(mount.pmem0)
+        assert refused.value.errno == errno.ENXIO and time.monotonic() - started < 1
+        unmounter.release_opens()
+        with DirectFile(mount.pmem0) as direct:
+            assert len(direct.pread(4096, 0)) == 4096
