@@ -415,3 +415,12 @@ def test_snapshots_stored_and_read_at_once_are_read_whole_and_leak_nothing() -> 
     assert os.fstat(shared._snapshot_heap).st_blocks * 512 <= 2 * 4096
     shared.free_snapshot(slot, 99)
     assert os.fstat(shared._snapshot_heap).st_blocks == 0
+
+
+def test_whether_a_filesystem_tells_holes_from_data_is_probed(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Where Linux only emulates SEEK_HOLE (the whole file is data), a hole must never be learned as
+    allocated: the probe says no there, and where it cannot probe at all."""
+    from pmemfs.region import seek_reports_holes
+
+    assert seek_reports_holes(str(tmp_path))
+    assert not seek_reports_holes("/proc")  # no file can be made there: assume the worst
