@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from .errors import CorruptImage, ImageBusy, NoSpace, PmemfsError, UsageError
-from .holes import punch_hole
+from .holes import data_extents, punch_hole
 from .infoblock import (
     BADBLOCKS_MAX,
     FLAG_CLEAN,
@@ -443,21 +443,7 @@ class Region:
 
     def extents(self, start: int, end: int) -> list[tuple[int, int]]:
         """The allocated (data) extents of the image within [start, end), from SEEK_DATA/SEEK_HOLE."""
-        found = []
-        offset = start
-        while offset < end:
-            try:
-                data = os.lseek(self.fd, offset, os.SEEK_DATA)
-            except OSError as err:
-                if err.errno == errno.ENXIO:
-                    break
-                raise
-            if data >= end:
-                break
-            hole = os.lseek(self.fd, data, os.SEEK_HOLE)
-            found.append((data, min(hole, end)))
-            offset = hole
-        return found
+        return data_extents(self.fd, start, end)
 
     def zero(self, offset: int, length: int, *, flush: bool = True) -> None:
         """Zero [offset, +length) of the data area in one operation (and one flush, unless the caller

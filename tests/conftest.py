@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from pmemfs import holes
 from pmemfs.client import poll_until, process_alive  # noqa: F401  (process_alive is re-exported for the tests)
 
 PMEMFS = [sys.executable, "-m", "pmemfs"]
@@ -201,25 +202,11 @@ def allocated_bytes(path: str) -> int:
 
 def data_extents(path: str, start: int, end: int) -> list[tuple[int, int]]:
     """The allocated extents of a file within [start, end), as SEEK_DATA/SEEK_HOLE report them."""
-    found = []
     fd = os.open(path, os.O_RDONLY)
     try:
-        offset = start
-        while offset < end:
-            try:
-                data = os.lseek(fd, offset, os.SEEK_DATA)
-            except OSError as err:
-                if err.errno == errno.ENXIO:
-                    break
-                raise
-            if data >= end:
-                break
-            hole = os.lseek(fd, data, os.SEEK_HOLE)
-            found.append((data, min(hole, end)))
-            offset = hole
+        return holes.data_extents(fd, start, end)
     finally:
         os.close(fd)
-    return found
 
 
 def needs_root() -> None:
