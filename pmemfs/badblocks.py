@@ -13,24 +13,18 @@ import contextlib
 from collections.abc import Iterator
 from typing import Protocol
 
-from .errors import CorruptImage, InvalidRange, MediaError, NoSpace
+from .errors import InvalidRange, MediaError, NoSpace
 from .infoblock import BADBLOCKS_MAX, SECTOR_SIZE
+from .shared import Lock, SharedState
 
 Extent = tuple[int, int]  # (first sector, sector count)
-RELOAD_ATTEMPTS = 5
 
 
 class BadBlockStore(Protocol):
-    """Where the table lives. Every serving process has its own BadBlocks over one store."""
+    """Where the table lives (the image header). Every serving process has its own BadBlocks over one store."""
 
     def load(self) -> tuple[Extent, ...]: ...
     def save(self, extents: tuple[Extent, ...]) -> None: ...
-    def locked(self) -> contextlib.AbstractContextManager[None]: ...
-
-    @property
-    def generation(self) -> tuple[memoryview, int]:
-        """A shared cell that every change bumps, as (cells, index): the I/O path reads it directly."""
-        ...
 
 
 class MemoryStore:
@@ -39,7 +33,6 @@ class MemoryStore:
     def __init__(self, extents: tuple[Extent, ...] = ()) -> None:
         self.extents = extents
         self.saved: list[tuple[Extent, ...]] = []
-        self.generation = (memoryview(bytearray(8)).cast("q"), 0)
 
     def load(self) -> tuple[Extent, ...]:
         return self.extents
@@ -48,41 +41,43 @@ class MemoryStore:
         self.extents = extents
         self.saved.append(extents)
 
-    def locked(self) -> contextlib.AbstractContextManager[None]:
-        return contextlib.nullcontext()
-
 
 class BadBlocks:
-    def __init__(self, nsectors: int, store: BadBlockStore) -> None:
+    """This process's copy of the table, kept current through the shared generation.
+
+    Protocol: the table is read and rewritten only under ``Lock.BADBLOCKS``; a change bumps the
+    shared generation before the lock is let go. The I/O path compares the generation with the one
+    it last loaded (one memoryview read) and loads the table again, under the lock, when it moved.
+    """
+
+    def __init__(self, nsectors: int, store: BadBlockStore, shared: SharedState | None = None) -> None:
+        shared = shared or SharedState(record_chunks=0)
         self.nsectors = nsectors
         self.store = store
-        self._cells, self._index = store.generation
+        self._generation = shared.badblocks_generation
+        self._lock = shared.lock(Lock.BADBLOCKS)
         self._reload()
 
     def _reload(self) -> None:
-        self._seen = self._cells[self._index]
-        for attempt in range(RELOAD_ATTEMPTS):
-            try:
-                extents = self.store.load()
-                break
-            except CorruptImage:
-                # Another serving process is rewriting the header right now: read it again.
-                if attempt == RELOAD_ATTEMPTS - 1:
-                    raise
-        self.extents = _merged(extents)
+        with self._lock:
+            self._load()
+
+    def _load(self) -> None:
+        self._seen = self._generation.current()
+        self.extents = _merged(self.store.load())
         self._starts = [start for start, _ in self.extents]
 
     def changed_or_bad(self) -> bool:
         """The I/O path's test: True when some sector is bad (after picking up another process's change)."""
-        if self._cells[self._index] != self._seen:
+        if self._generation.changed(self._seen):
             self._reload()
         return bool(self.extents)
 
     @contextlib.contextmanager
     def _changing(self) -> Iterator[list[Extent]]:
         """Change the table as the only writer, starting from what every process last wrote."""
-        with self.store.locked():
-            self._reload()
+        with self._lock:
+            self._load()
             extents = list(self.extents)
             yield extents
             merged = _merged(extents)
@@ -90,8 +85,8 @@ class BadBlocks:
                 if len(merged) > BADBLOCKS_MAX:
                     raise NoSpace(f"the badblocks table is full ({BADBLOCKS_MAX} extents)")
                 self.store.save(tuple(merged))
-                self._cells[self._index] += 1
-            self._reload()
+                self._generation.bump()
+            self._load()
 
     @property
     def sector_count(self) -> int:

@@ -9,8 +9,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .badblocks import BadBlocks
+from .counters import IO_COUNTERS
+from .holders import holders_by_range
 from .loops import loop_devices_for
-from .pages import PageRegistry, holders_by_range
+from .pages import PageRegistry
 from .region import Region
 
 
@@ -31,8 +33,6 @@ def control_files(
     region: Region,
     registry: PageRegistry,
     badblocks: BadBlocks,
-    io_statistics: Callable[[], dict[str, int]],
-    open_data_files: Callable[[], int],
     mountpoint: str,
     log_path: str | None,
     stale: list[dict[str, int]],
@@ -45,6 +45,7 @@ def control_files(
 
     def status() -> bytes:
         blockdevs = loop_devices_for(pmem0_path)
+        counters = registry.counters.totals()
         return _json(
             {
                 "mountpoint": mountpoint,
@@ -59,9 +60,10 @@ def control_files(
                 "stale_references": {"pages": sum(r["npages"] for r in stale), "ranges": stale[:64]},
                 "blockdev": blockdevs[0] if blockdevs else None,
                 "allocated_bytes": region.allocated_bytes(),
-                "counters": io_statistics(),
-                "open_files": open_data_files(),
+                "counters": {name: counters[name] for name in IO_COUNTERS},
+                "open_files": counters["data_opens"] - counters["data_releases"],
                 "registry": registry.statistics(),
+                "coordination": registry.coordination(),
             }
         )
 

@@ -1,11 +1,17 @@
-"""Composition root of the daemon: open the region and registry, build the tree, mount, serve, unmount clean.
+"""Composition root of the daemon: open the image, build the registry, control files and tree, mount,
+serve, unmount clean.
 
 Run as ``python -P -m pmemfs.daemon IMAGE MOUNTPOINT`` by ``pmemfs mount``; the CLI's
 ``--foreground`` calls :func:`run` in-process.
 
-Order matters: until the kernel has the mount, nothing is written to the image, so a mount that
-fails leaves it byte for byte as it was. Only then is it marked dirty (and the mount counted),
-and only then are the registry records of a daemon that died reset.
+Everything is built once, in order, on one exit stack that unwinds it on any failure: how to
+serve (decided before anything else, so ``status`` shows what runs), the region (with the state
+its serving processes will share, shared.py), the registry, the badblocks table, the pin
+sessions, the control files, the tree, the kernel's mount. Until the kernel has the mount,
+nothing is written to the image, so a mount that fails leaves it byte for byte as it was. Only
+then is it marked dirty (and the mount counted), and only then are the registry records of a
+daemon that died reset. On the way out: unmount, reset the records (no file is open, so no
+reference is left), mark the image clean if this daemon marked it dirty.
 """
 
 from __future__ import annotations
@@ -27,9 +33,9 @@ from .errors import PmemfsError
 from .fs import PmemOperations
 from .infoblock import SECTOR_SIZE
 from .memmap import open_registry, reset_records
-from .pages import PageRegistry, chunks_for
+from .pages import PageRegistry
 from .region import Region
-from .shared import SharedState
+from .sessions import PinSessions
 
 log = logging.getLogger("pmemfs")
 
@@ -38,6 +44,14 @@ EPOCH_MASK = 0xFFFFFFFF
 # While a start takes long (the registry scan after a crash of a daemon on a huge image), tell the
 # CLI this often that it is moving, so that it waits instead of giving up on it.
 PROGRESS_EVERY_S = 1.0
+
+
+class _Lifecycle:
+    """How far the mount got, for what the exit stack undoes: mark clean only if this daemon marked
+    the image dirty, reset the records only after a clean end of serving."""
+
+    marked_dirty = False
+    served = False
 
 
 def run(
@@ -57,80 +71,64 @@ def run(
     the fd is closed once the kernel has the mount, which is the CLI's cue to poll it.
     """
     mountpoint = os.path.abspath(mountpoint)
-    try:
-        region = Region.open(image)
-    except PmemfsError as err:
-        return _fail_start(ready_fd, str(err))
-    except Exception as err:
-        log.exception("cannot open %s", image)
-        return _fail_start(ready_fd, f"cannot open {image}: {type(err).__name__}: {err} (a bug in pmemfs; see the log)")
-    # Do not mark the image clean on the way out unless this daemon really marked it dirty.
-    mounted = False
-    try:
+    plan = serving.plan(serving_mode, workers, spin_us)
+    progress = _progress_reporter(ready_fd)
+    state = _Lifecycle()
+    with contextlib.ExitStack() as stack:
+        try:
+            region = Region.open(image)
+        except PmemfsError as err:
+            return _fail_start(ready_fd, str(err))
+        except Exception as err:
+            log.exception("cannot open %s", image)
+            return _fail_start(
+                ready_fd, f"cannot open {image}: {type(err).__name__}: {err} (a bug in pmemfs; see the log)"
+            )
+        stack.callback(lambda: region.close(clean=state.marked_dirty))
         # The epoch stamps this mount's records: the mount count that mark_dirty will write.
         previous_epoch = region.header.mount_count & EPOCH_MASK
         epoch = region.header.mounted(0).mount_count & EPOCH_MASK
-        shared = SharedState(chunks_for(region.geometry.npfns))
-        region.share_generations(shared)
-        registry, stale = open_registry(region, previous_epoch, epoch, shared, _progress_reporter(ready_fd))
-        badblocks = BadBlocks(region.data_size // SECTOR_SIZE, region.badblock_store())
-        ops = PmemOperations(region, registry, badblocks, [], track_references=track_references)
-        fast = serving_mode == "fast" and serving.fast_path_problem() is None
-        serving_info = {
-            "mode": "fast" if fast else "trio",
-            "workers": workers if fast else 1,
-            "spin_us": spin_us if fast else 0,
-        }
-        ops.add_control_files(
+        registry, stale = open_registry(region, previous_epoch, epoch, region.shared, progress)
+        stack.callback(_reset_records_if_served, region, state)
+        badblocks = BadBlocks(region.data_size // SECTOR_SIZE, region.badblock_store(), region.shared)
+        sessions = PinSessions(registry, region, badblocks)
+        ops = PmemOperations(
+            region, registry, badblocks, sessions,
             control_files(
-                region=region,
-                registry=registry,
-                badblocks=badblocks,
-                io_statistics=ops.statistics,
-                open_data_files=ops.open_data_files,
-                mountpoint=mountpoint,
-                log_path=log_path,
-                stale=stale,
-                serving=lambda: {**serving_info, "pid": os.getpid()},
-            )  # fmt: skip
-        )
-        faults.install({"region": region, "registry": registry, "badblocks": badblocks, "sessions": ops.sessions})
+                region=region, registry=registry, badblocks=badblocks, mountpoint=mountpoint, log_path=log_path,
+                stale=stale, serving=lambda: {**plan.as_dict(), "pid": os.getpid()},
+            ),
+            track_references=track_references,
+        )  # fmt: skip
+        faults.install({"region": region, "registry": registry, "badblocks": badblocks, "sessions": sessions})
         try:
             pyfuse3.init(ops, mountpoint, set(FUSE_OPTIONS))
         except RuntimeError as err:
             return _fail_start(ready_fd, f"cannot mount {image} at {mountpoint}: {err}")
+        stack.callback(pyfuse3.close, unmount=True)
         try:
-            _commit_mount(region, _progress_reporter(ready_fd))
+            _commit_mount(region, progress)
         except Exception as err:
-            pyfuse3.close(unmount=True)
             log.exception("cannot start serving %s", image)
+            stack.close()  # unmounted and the header restored before the CLI hears of it
             return _fail_start(ready_fd, f"cannot start serving {image}: {err}")
-        mounted = True
+        state.marked_dirty = True
         if not region.previous_shutdown_clean:
             log.warning("%s was not shut down cleanly (unclean shutdowns: %d)", image, region.header.unclean_shutdowns)
         _close_ready(ready_fd)
         log.info("serving %s at %s (pid %d)", image, mountpoint, os.getpid())
         membarrier.register()
-        try:
-            used = serving.serve(
-                serving_mode,
-                # Runs before each read of /dev/fuse: the last reply is out, its transfer is over.
-                _guarded_hook(registry),
-                workers=workers,
-                initialized=lambda: ops.initialized,
-                become=lambda column: _become_worker(registry, column),
-                mountpoint=mountpoint,
-                spin_us=spin_us,
-            )
-            log.info("served with the %s loop", used)
-        finally:
-            pyfuse3.close(unmount=True)
-        log.info("unmounted %s", mountpoint)
-        # No file is open any more, so no reference is left: give the carve-out back in one go.
-        reset_records(region)
-        return 0
-    finally:
-        region.close(clean=mounted)
+        serving.serve(
+            plan,
+            _end_transfer_hook(registry),
+            initialized=lambda: ops.initialized,
+            become=lambda column: _become_worker(registry, column),
+            mountpoint=mountpoint,
+        )
+        state.served = True
+        log.info("served with the %s loop%s", plan.mode, f" ({plan.workers} workers)" if plan.workers > 1 else "")
+    log.info("unmounted %s", mountpoint)
+    return 0
 
 
 def _commit_mount(region: Region, progress: Callable[[int, int], None]) -> None:
@@ -148,22 +146,29 @@ def _commit_mount(region: Region, progress: Callable[[int, int], None]) -> None:
         raise
 
 
-def _guarded_hook(registry: PageRegistry) -> Callable[[], None]:
-    """``end_transfers`` for the serving loop, which must never see an exception (it would end the
-    process): a transfer that cannot be ended is logged and dropped, and the rest are ended."""
+def _reset_records_if_served(region: Region, state: _Lifecycle) -> None:
+    if state.served:
+        # No file is open any more, so no reference is left: give the carve-out back in one go.
+        reset_records(region)
+
+
+def _end_transfer_hook(registry: PageRegistry) -> Callable[[], None]:
+    """What the serving loop runs before it reads the next request: the last reply is out, so the
+    transfer it carried ends (pages.py). The loop must never see an exception (it would end the
+    process): a transfer that cannot be ended is logged, once, and forgotten."""
     logged = False
 
-    def end_transfers() -> None:
+    def end_transfer() -> None:
         nonlocal logged
-        while registry.in_flight:
+        while registry.transfer is not None:
             try:
-                registry.end_transfers()
+                registry.end_transfer()
             except Exception:
                 if not logged:
                     logged = True
                     log.exception("ending a transfer's page references failed (logged once)")
 
-    return end_transfers
+    return end_transfer
 
 
 def _progress_reporter(ready_fd: int | None) -> Callable[[int, int], None]:

@@ -3,8 +3,17 @@
 The only module that raises FUSEError, and the error boundary of the daemon: pyfuse3 lets any
 other exception out of its loop, which would end the serving process and with it the mount, so
 every handler turns every exception into an errno (EIO for the unexpected, logged once with its
-traceback) and the process goes on serving. Handlers never await: every request is served to the
-end by the task that received it, so one pyfuse3 worker task per process is enough.
+traceback) and the process goes on serving.
+
+Handlers never await: every request is served to the end by the task that received it, so one
+pyfuse3 worker task per process is enough, and a process serves one request at a time (which the
+registry's transfer contract relies on, pages.py). A handler may still wait, briefly and bounded:
+a transfer into pages being zeroed waits for the zero (gates.py), an open during an unmount's
+check waits for it (device.py), and cross-process locks are held for a few stores (shared.py).
+
+Open handles carry everything they stand for in the 64-bit handle (handles.py), because the
+kernel may send a handle's requests to any serving process; a control file's content is a
+snapshot in shared memory (snapshots.py). Counters are this process's row (counters.py).
 """
 
 from __future__ import annotations
@@ -22,14 +31,17 @@ from typing import Any, TypeVar
 
 import pyfuse3
 
+from . import handles
 from .badblocks import BadBlocks
 from .control import ControlFile
+from .counters import COUNTER, HANDLE_COUNTERS, IO_COUNTERS
 from .errors import PmemfsError
 from .infoblock import PAGE_SIZE, SECTOR_SIZE
-from .pages import FILES, PageRegistry
+from .pages import PageRegistry
 from .region import Region
 from .sessions import PinSessions, Session
-from .shared import COUNTER, HANDLE_COUNTERS, IO_COUNTERS, SNAPSHOT_SLOTS
+from .shared import FILES
+from .snapshots import SnapshotSlots
 
 log = logging.getLogger("pmemfs")
 
@@ -91,25 +103,9 @@ class OpenFile:
 
     @classmethod
     def from_fh(cls, fh: int) -> OpenFile:
-        inode, direct, pid = fh & 0xFF, bool(fh >> 8 & 1), fh >> 41
-        session = Session(fh, pid) if inode == PIN_INODE else None
-        return cls(inode, direct, pid, FILE_CODES.get(inode, 0), session)
-
-    @staticmethod
-    def snapshot_slot(fh: int) -> int | None:
-        """The shared snapshot slot of a control handle (data handles have none)."""
-        slot = fh >> 13 & 0xFFF
-        return slot - 1 if slot else None
-
-
-assert SNAPSHOT_SLOTS < 1 << 12
-
-
-def make_fh(inode: int, direct: bool, column: int, slot: int | None, serial: int, pid: int) -> int:
-    """inode (8 bits) | direct (1) | serving column (4) | snapshot slot + 1 (12) | serial (16) | pid (22,
-    the kernel's pid_max limit). Bit 63 stays clear: handles are stored in signed 64-bit shared cells."""
-    slot_bits = 0 if slot is None else slot + 1
-    return inode | direct << 8 | column << 9 | slot_bits << 13 | (serial & 0xFFFF) << 25 | pid << 41
+        fields = handles.decode(fh)
+        session = Session(fh, fields.pid) if fields.inode == PIN_INODE else None
+        return cls(fields.inode, fields.direct, fields.pid, FILE_CODES.get(fields.inode, 0), session)
 
 
 class PmemOperations(pyfuse3.Operations):
@@ -122,6 +118,7 @@ class PmemOperations(pyfuse3.Operations):
         region: Region,
         registry: PageRegistry,
         badblocks: BadBlocks,
+        sessions: PinSessions,
         control_files: Sequence[ControlFile],
         *,
         track_references: bool = True,
@@ -130,7 +127,8 @@ class PmemOperations(pyfuse3.Operations):
         self.region = region
         self.registry = registry
         self.badblocks = badblocks
-        self.sessions = PinSessions(registry, region, badblocks)
+        self.sessions = sessions
+        self.snapshots = SnapshotSlots(registry.shared)
         self.data_size = region.data_size
         self.track_references = track_references
         self.initialized = False
@@ -141,27 +139,12 @@ class PmemOperations(pyfuse3.Operations):
         self._open: dict[int, OpenFile] = {}
         self._serial = 0
         self._mount_ns = time.time_ns()
-        # References of a read whose reply still points into the mapping: dropped once it is sent.
-        self._in_flight = registry.in_flight
         # Where unexpected errors were logged with their traceback: each place once, then counted.
         self._logged: set[tuple[str, str, str]] = set()
 
     def init(self) -> None:
         # pyfuse3 calls this while it answers FUSE_INIT; serving processes fork only after it.
         self.initialized = True
-
-    def add_control_files(self, control_files: Sequence[ControlFile]) -> None:
-        first = FIRST_CONTROL_FILE_INODE + len(self._control)
-        for inode, control_file in enumerate(control_files, start=first):
-            self._control[inode] = control_file
-            self._control_by_name[control_file.name.encode()] = inode
-
-    def statistics(self) -> dict[str, int]:
-        totals = self.registry.shared.counter_totals()
-        return {name: totals[name] for name in IO_COUNTERS}
-
-    def open_data_files(self) -> int:
-        return self.registry.shared.open_data_files()
 
     def _count(self, counter: int, n: int = 1) -> None:
         self.registry.counter_row[counter] += n
@@ -192,19 +175,18 @@ class PmemOperations(pyfuse3.Operations):
 
     def _new_fh(self, inode: int, direct: bool, pid: int, *, slot: int | None = None) -> int:
         self._serial += 1
-        return make_fh(inode, direct, self.registry.column, slot, self._serial, pid)
+        return handles.encode(inode, direct, self.registry.column, slot, self._serial, pid)
 
     def _new_control_fh(self, inode: int, pid: int, content: bytes) -> int:
         """A handle for a control file whose reads show ``content``, whichever process serves them."""
-        shared = self.registry.shared
-        slot = shared.claim_snapshot_slot()
+        slot = self.snapshots.claim()
         if slot is None:
             raise pyfuse3.FUSEError(errno.ENFILE)  # every snapshot slot is held by an open control file
         fh = self._new_fh(inode, True, pid, slot=slot)
         try:
-            shared.store_snapshot(slot, fh, content)
+            self.snapshots.store(slot, fh, content)
         except BaseException:
-            shared.free_snapshot(slot, -1)  # a slot claimed for an open that failed
+            self.snapshots.free(slot, -1)  # a slot claimed for an open that failed
             raise
         return fh
 
@@ -289,7 +271,6 @@ class PmemOperations(pyfuse3.Operations):
     # Files
     @_guarded
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        self.registry.end_transfers()
         if inode in DATA_FILES:
             # Counted before the unmount's hold is looked at (see PageRegistry.hold_opens).
             self._count(DATA_OPENS)
@@ -321,13 +302,12 @@ class PmemOperations(pyfuse3.Operations):
         """A control file's content for a read. A control file shows what it held at open; a pin
         session lists its pins afresh at every read at offset 0. Later reads of either continue
         the same snapshot, whichever serving process rendered it."""
-        shared = self.registry.shared
-        slot = OpenFile.snapshot_slot(fh)
+        slot = handles.snapshot_slot(fh)
         if slot is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         if handle.session is not None and off == 0:
-            shared.store_snapshot(slot, fh, self.sessions.listing(handle.session))
-        snapshot = shared.load_snapshot(slot, fh, off, size)
+            self.snapshots.store(slot, fh, self.sessions.listing(handle.session))
+        snapshot = self.snapshots.load(slot, fh, off, size)
         if snapshot is None:
             raise pyfuse3.FUSEError(errno.EBADF)  # released meanwhile
         return snapshot
@@ -335,8 +315,6 @@ class PmemOperations(pyfuse3.Operations):
     # pyfuse3 replies with any contiguous buffer, so a view of the mapping saves a copy.
     async def read(self, fh: int, off: int, size: int) -> memoryview | bytes:  # type: ignore[override]
         try:
-            if self._in_flight:
-                self.registry.end_transfers()
             handle = self._open.get(fh) or self._handle(fh)
             if not handle.file_code:
                 return self._snapshot(fh, handle, off, size)
@@ -347,8 +325,8 @@ class PmemOperations(pyfuse3.Operations):
             if self.badblocks.changed_or_bad():
                 self.badblocks.check_read(off, size)
             if self.track_references:
-                # The reply is copied out of the mapping after we return: the reference lasts until
-                # the serving loop is about to read the next request (end_transfers).
+                # The reply is copied out of the mapping after we return: the serving loop ends the
+                # transfer once it is out (pages.py).
                 self.registry.begin_transfer(handle.direct, handle.pid, handle.file_code, off, size)
             ctr = self.registry.counter_row
             ctr[READS] += 1
@@ -363,8 +341,6 @@ class PmemOperations(pyfuse3.Operations):
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         try:
-            if self._in_flight:
-                self.registry.end_transfers()
             handle = self._open.get(fh) or self._handle(fh)
             if not handle.file_code:
                 return self._control_write(handle, buf)
@@ -386,7 +362,7 @@ class PmemOperations(pyfuse3.Operations):
                 try:
                     self.region.write(off, buf)
                 finally:
-                    self.registry.end_transfers()
+                    self.registry.end_transfer()  # the store is done: nothing of the request points into the mapping
             else:
                 self.region.write(off, buf)
             if poisoned:
@@ -430,11 +406,10 @@ class PmemOperations(pyfuse3.Operations):
         handle = self._open.pop(fh, None) or OpenFile.from_fh(fh)
         if handle.file_code:
             self._count(DATA_RELEASES)
-        slot = OpenFile.snapshot_slot(fh)
+        slot = handles.snapshot_slot(fh)
         try:
             if slot is not None:
-                self.registry.shared.free_snapshot(slot, fh)
+                self.snapshots.free(slot, fh)
         finally:
             if handle.session is not None:
                 self.sessions.close(handle.session)
-        self.registry.end_transfers()  # other requests' transfers: last, so their failure spoils nothing here

@@ -18,7 +18,8 @@ import numpy as np
 
 from .errors import PmemfsError
 from .infoblock import PAGE_SIZE, RESERVED_HEAD
-from .pages import CHUNK_PAGES, RECORD_DTYPE, PageRegistry
+from .pages import PageRegistry
+from .records import CHUNK_PAGES, RECORD_DTYPE
 from .region import Region
 from .shared import MAP_NORESERVE, SharedState
 
@@ -61,7 +62,7 @@ def open_registry(
         ((lo - start) // RECORD_DTYPE.itemsize, min(-(-(hi - start) // RECORD_DTYPE.itemsize), npfns))
         for lo, hi in region.extents(start, end)
     ]
-    stale = registry.stale_ranges(previous_epoch, extents, progress)
+    stale = registry.store.stale_ranges(previous_epoch, extents, progress)
     if stale:
         pages = sum(r["npages"] for r in stale)
         log.warning("the daemon that died left %d referenced page(s) in the memmap: %s", pages, stale[:20])

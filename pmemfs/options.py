@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import os
 
-MAX_WORKERS = 13  # the registry has 14 counter columns; the parent has column 0
+from .limits import MAX_WORKERS
+
 DEFAULT_SPIN_US = 50
 MAX_SPIN_US = 10_000  # beyond this a "spin" is a busy daemon, not a saved wake-up
 

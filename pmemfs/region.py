@@ -5,7 +5,6 @@ This is the only module that touches the backing file. It knows nothing of FUSE.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -14,7 +13,6 @@ import os
 import stat
 import time
 import uuid as uuidlib
-from collections.abc import Iterator
 
 import numpy as np
 
@@ -37,7 +35,8 @@ from .infoblock import (
     InfoBlock,
 )
 from .ranges import runs
-from .shared import BADBLOCKS_GENERATION, FLAG_CELLS, MAP_NORESERVE, SharedState
+from .records import chunks_for
+from .shared import SharedState
 
 # A filesystem that cannot punch holes has the carve-out zeroed by reading it this much at a time.
 ZERO_SCAN_BYTES = 16 << 20
@@ -257,7 +256,7 @@ def seek_reports_holes(directory: str) -> bool:
 class Region:
     """An open image: locked, mapped once with numpy memmap, with the data area as a byte view."""
 
-    def __init__(self, path: str, fd: int, info: ImageInfo) -> None:
+    def __init__(self, path: str, fd: int, info: ImageInfo, shared: SharedState | None = None) -> None:
         self.path = path
         self.fd = fd
         self.info = info
@@ -273,18 +272,18 @@ class Region:
         self.data_size = self.geometry.data_size
         self._dataoff = dataoff
         self.previous_shutdown_clean = info.header.clean
-        self.share_generations(None)
-        # Which pages of the image are known to have their blocks (see "Allocation" below), a byte a
-        # page in memory that the serving processes forked later share: what one of them wrote, the
-        # others store into through the mapping. Its memory is taken as pages are read or written
-        # (a read fault on shared memory takes a page too): 256 MiB for the whole of a 1 TiB image.
-        known = mmap.mmap(-1, -(-info.file_size // PAGE_SIZE), flags=mmap.MAP_SHARED | MAP_NORESERVE)
-        self._known = np.frombuffer(known, dtype=np.uint8)
+        # Which pages of the image are known to have their blocks (see "Allocation" below): in the
+        # serving processes' shared state, so what one of them wrote the others store into through
+        # the mapping. Its memory is taken as pages are read or written (a read fault on shared
+        # memory takes a page too): 256 MiB for the whole of a 1 TiB image.
+        self.shared = shared or SharedState(chunks_for(info.geometry.npfns), -(-info.file_size // PAGE_SIZE))
+        self._known = self.shared.array("known")
         self._known_bytes = self._known.data  # a memoryview item costs a fifth of numpy's
         self._holes_visible = seek_reports_holes(os.path.dirname(path))
 
     @classmethod
     def open(cls, path: str) -> Region:
+        """Open, lock and map the image, with the shared state its serving processes will share."""
         fd = open_image(path, writable=True)
         try:
             lock_image(fd, path)
@@ -315,11 +314,6 @@ class Region:
     def set_badblocks(self, extents: tuple[tuple[int, int], ...]) -> None:
         self._write_header(self.read_header().replace(badblocks=extents))
 
-    def share_generations(self, shared: SharedState | None) -> None:
-        """Use the serving processes' shared generation cells (None: this process's own): the
-        badblocks table's, bumped by every change of it."""
-        self._cells = shared.flag_cells() if shared else memoryview(bytearray(FLAG_CELLS * 8)).cast("q")
-
     def badblock_store(self) -> ImageBadBlockStore:
         return ImageBadBlockStore(self)
 
@@ -339,7 +333,7 @@ class Region:
     # full backing filesystem is an ENOSPC for the writer instead of a SIGBUS in the daemon, and a
     # 4 KiB write allocates 4 KiB. ``_known`` says which pages have their blocks: written, or seen
     # as data (SEEK_DATA). A data page's byte is set only by a transfer that holds a reference on
-    # it (or by the zero that holds its range); the carve-out's, under BACKING_LOCK for a chunk
+    # it (or by the zero that holds its range); the carve-out's, under Lock.BACKING for a chunk
     # nobody references yet. It is cleared before a punch, which no reference ever overlaps: zero
     # keeps transfers out of its range, the carve-out is reset when nothing serves. A transfer takes
     # its reference and then looks at the zero's gate, the zero closes the gate, runs membarrier and
@@ -496,8 +490,7 @@ class Region:
 
 
 class ImageBadBlockStore:
-    """The badblocks table in the image header, changed under a POSIX lock on the header so that
-    serving processes (which each hold their own lock state) take turns."""
+    """The badblocks table in the image header (badblocks.py takes the lock around it)."""
 
     def __init__(self, region: Region) -> None:
         self.region = region
@@ -507,15 +500,3 @@ class ImageBadBlockStore:
 
     def save(self, extents: tuple[tuple[int, int], ...]) -> None:
         self.region.set_badblocks(extents)
-
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        fcntl.lockf(self.region.fd, fcntl.LOCK_EX, PAGE_SIZE, HEADER_OFFSET)
-        try:
-            yield
-        finally:
-            fcntl.lockf(self.region.fd, fcntl.LOCK_UN, PAGE_SIZE, HEADER_OFFSET)
-
-    @property
-    def generation(self) -> tuple[memoryview, int]:
-        return self.region._cells, BADBLOCKS_GENERATION

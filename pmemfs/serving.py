@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import fcntl
 import logging
 import os
@@ -367,33 +368,50 @@ async def _terminate_on_signal() -> None:
             return
 
 
-def serve(
-    mode: str,
-    before_read: Callable[[], None],
-    *,
-    workers: int = 1,
-    initialized: Callable[[], bool] = lambda: True,
-    become: Callable[[int], None] = lambda column: None,
-    mountpoint: str = "",
-    spin_us: int = DEFAULT_SPIN_US,
-) -> str:
-    """Serve with ``mode`` ("fast" or "trio"), from ``workers`` processes on the fast path; fall
-    back to the trio loop in this process if the fast path is unavailable. Returns what was used."""
+@dataclasses.dataclass(frozen=True)
+class ServingPlan:
+    """How the mount is served, decided once before anything is built: what ``status`` shows is
+    what runs."""
+
+    mode: str  # "fast" or "trio"
+    workers: int
+    spin_us: int
+
+    def as_dict(self) -> dict[str, object]:
+        return {"mode": self.mode, "workers": self.workers, "spin_us": self.spin_us}
+
+
+def plan(mode: str, workers: int = 1, spin_us: int = DEFAULT_SPIN_US) -> ServingPlan:
+    """Serve with ``mode`` ("fast" or "trio"), from ``workers`` processes on the fast path; the trio
+    loop in one process if the fast path is unavailable (logged)."""
     if mode == "fast":
         problem = fast_path_problem()
         if problem is None:
-            if workers > 1:
-                serve_workers(
-                    workers,
-                    before_read=before_read,
-                    initialized=initialized,
-                    become=become,
-                    mountpoint=mountpoint,
-                    spin_us=spin_us,
-                )
-                return f"fast ({workers} workers)"
-            serve_blocking(before_read, spin_us=spin_us)
-            return "fast"
+            return ServingPlan("fast", max(1, min(workers, MAX_WORKERS)), spin_us)
         log.warning("the fast data path is unavailable (%s): serving with the trio loop instead", problem)
-    serve_trio(before_read)
-    return "trio"
+    return ServingPlan("trio", 1, 0)
+
+
+def serve(
+    chosen: ServingPlan,
+    before_read: Callable[[], None],
+    *,
+    initialized: Callable[[], bool] = lambda: True,
+    become: Callable[[int], None] = lambda column: None,
+    mountpoint: str = "",
+) -> None:
+    """Serve the mounted session as ``chosen`` says until it is unmounted. ``before_read`` runs
+    each time a serving process is about to read the next request (the last reply is out)."""
+    if chosen.mode == "trio":
+        serve_trio(before_read)
+    elif chosen.workers > 1:
+        serve_workers(
+            chosen.workers,
+            before_read=before_read,
+            initialized=initialized,
+            become=become,
+            mountpoint=mountpoint,
+            spin_us=chosen.spin_us,
+        )
+    else:
+        serve_blocking(before_read, spin_us=chosen.spin_us)

@@ -249,3 +249,24 @@ def test_the_cli_waits_for_a_starting_daemon_as_long_as_it_makes_progress(monkey
         assert daemon.wait(timeout=10) == -signal.SIGKILL
     finally:
         os.close(read_end)
+
+
+def test_offline_commands_and_the_client_load_nothing_of_the_daemon(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """create, info and check run without pyfuse3 or trio; the thin client imports nothing of the
+    daemon's side (what serves requests, or the shared state serving processes use)."""
+    image = str(tmp_path / "x.img")
+    probe = (
+        "import sys\n"
+        "import pmemfs.client\n"
+        "daemon_side = ('pyfuse3', 'trio', 'numpy', 'pmemfs.fs', 'pmemfs.pages', 'pmemfs.shared', 'pmemfs.region')\n"
+        "loaded = {m for m in daemon_side if m in sys.modules}\n"
+        "assert not loaded, f'client: {loaded}'\n"
+        "from pmemfs import cli\n"
+        "for argv in (['create', sys.argv[1], '--size', '64M'], ['info', sys.argv[1]], ['check', sys.argv[1]]):\n"
+        "    assert cli.main(argv) == 0, argv\n"
+        "serving_side = ('pyfuse3', 'trio', 'pmemfs.fs', 'pmemfs.serving', 'pmemfs.daemon')\n"
+        "loaded = {m for m in serving_side if m in sys.modules}\n"
+        "assert not loaded, f'cli: {loaded}'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe, image], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr

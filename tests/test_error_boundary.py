@@ -33,7 +33,7 @@ FAULTS = {
     "registry.statistics": "ValueError",
     "sessions.command": "RuntimeError",
     "badblocks.changed_or_bad": "RuntimeError",
-    "registry.end_transfers": "RuntimeError",
+    "registry.end_transfer": "RuntimeError",
 }
 
 

@@ -29,7 +29,8 @@ from pmemfs.pages import (
     holders_by_range,
 )
 from pmemfs.region import Region
-from pmemfs.shared import IO_GATE, MAP_NORESERVE, SharedState
+from pmemfs.shared import MAP_NORESERVE, SharedState
+from pmemfs.snapshots import SnapshotSlots
 
 
 @pytest.fixture
@@ -246,7 +247,7 @@ def test_a_transfer_into_pages_being_zeroed_waits_for_the_zero(registry: PageReg
         def run() -> None:
             registry.set_column(2)  # another serving process
             registry.begin_transfer(True, 42, 1, page * PAGE_SIZE, PAGE_SIZE)
-            registry.end_transfers()
+            registry.end_transfer()
 
         return run
 
@@ -277,7 +278,7 @@ def test_one_zero_at_a_time_and_a_dead_zeroers_gate_reopens(registry: PageRegist
 
     holder = threading.Thread(target=lambda: _in_child(hold_a_zero))
     holder.start()
-    wait_for(lambda: registry.shared.flags[IO_GATE] != 0, what="the other process's zero to start")
+    wait_for(lambda: registry.io_gate.closed, what="the other process's zero to start")
     with pytest.raises(PageBusy):
         with registry.excluding_transfers(500, 1):
             pass
@@ -313,7 +314,7 @@ def test_records_spill_to_dram_when_the_image_cannot_back_them() -> None:
     ]
     assert registry.first_busy_page(CHUNK_PAGES, 3 * CHUNK_PAGES) == CHUNK_PAGES
     assert registry.statistics()["spilled_record_pages"] == 2 * CHUNK_PAGES
-    registry.end_transfers()
+    registry.end_transfer()
     registry.put_page(2 * CHUNK_PAGES + 5)
     registry.unpin_user_pages(CHUNK_PAGES - 2, 4)
     assert registry.referenced_ranges() == [] and not spill["refs"].any() and not records["refs"].any()
@@ -359,11 +360,10 @@ def test_zero_flushes_outside_the_window_in_which_transfers_wait(tmp_path) -> No
     stores, never a flush of the whole image (seconds, with gigabytes dirty) nor the header's."""
     from pmemfs.badblocks import BadBlocks
     from pmemfs.sessions import PinSessions, Session
-    from pmemfs.shared import GATE_ZEROING
 
     with open_region(create_image(tmp_path / "x.img", "64M")) as region:
         registry, _ = open_registry(region, previous_epoch=0, epoch=1)
-        badblocks = BadBlocks(region.data_size // 512, region.badblock_store())
+        badblocks = BadBlocks(region.data_size // 512, region.badblock_store(), region.shared)
         sessions = PinSessions(registry, region, badblocks)
         region.write(0, b"x" * 3 * PAGE_SIZE)
         badblocks.add(8, 8)  # sectors of the second page: the zero clears them, a header write
@@ -371,11 +371,11 @@ def test_zero_flushes_outside_the_window_in_which_transfers_wait(tmp_path) -> No
         flush, write_header = region.flush, region._write_header
 
         def watched_flush() -> None:
-            gate_when["flush"].append(registry.shared.flag_bytes()[GATE_ZEROING])
+            gate_when["flush"].append(registry.io_gate.condition("gate_zeroing").is_set)
             flush()
 
         def watched_header(header):  # type: ignore[no-untyped-def]
-            gate_when["header"].append(registry.shared.flag_bytes()[GATE_ZEROING])
+            gate_when["header"].append(registry.io_gate.condition("gate_zeroing").is_set)
             write_header(header)
 
         region.flush, region._write_header = watched_flush, watched_header  # type: ignore[method-assign]
@@ -389,14 +389,15 @@ def test_snapshots_stored_and_read_at_once_are_read_whole_and_leak_nothing() -> 
     """A pin session's listing is stored anew at every read at offset 0, by any serving process, while
     others read it: every read is one whole listing, and replaced listings give their memory back."""
     shared = SharedState()
-    slot = shared.claim_snapshot_slot()
+    snapshots = SnapshotSlots(shared)
+    slot = snapshots.claim()
     assert slot is not None
     versions = [bytes([65 + i]) * (3000 + 1000 * i) for i in range(4)]
-    shared.store_snapshot(slot, 99, versions[0])
+    snapshots.store(slot, 99, versions[0])
 
     def rewrite() -> None:
         for n in range(3000):
-            shared.store_snapshot(slot, 99, versions[n % 4])
+            snapshots.store(slot, 99, versions[n % 4])
 
     results: list[tuple[int, float]] = []
     writers = [threading.Thread(target=lambda: results.append(_in_child(rewrite))) for _ in range(2)]
@@ -405,16 +406,16 @@ def test_snapshots_stored_and_read_at_once_are_read_whole_and_leak_nothing() -> 
     torn = reads = 0
     while any(writer.is_alive() for writer in writers):
         reads += 1
-        torn += shared.load_snapshot(slot, 99) not in versions
+        torn += snapshots.load(slot, 99) not in versions
     for writer in writers:
         writer.join()
     assert [status for status, _ in results] == [0, 0]
     assert reads > 100 and torn == 0
-    assert shared.load_snapshot(slot, 99, 1000, 10) == shared.load_snapshot(slot, 99)[1000:1010]  # type: ignore[index]
+    assert snapshots.load(slot, 99, 1000, 10) == snapshots.load(slot, 99)[1000:1010]  # type: ignore[index]
     # One snapshot of at most 6 KiB is live: the heap holds its pages, not the 6000 replaced ones.
-    assert os.fstat(shared._snapshot_heap).st_blocks * 512 <= 2 * 4096
-    shared.free_snapshot(slot, 99)
-    assert os.fstat(shared._snapshot_heap).st_blocks == 0
+    assert os.fstat(shared.snapshot_heap).st_blocks * 512 <= 2 * 4096
+    snapshots.free(slot, 99)
+    assert os.fstat(shared.snapshot_heap).st_blocks == 0
 
 
 def test_whether_a_filesystem_tells_holes_from_data_is_probed(tmp_path) -> None:  # type: ignore[no-untyped-def]
