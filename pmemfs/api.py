@@ -1,0 +1,358 @@
+"""The public Python API: mount a region for a program or a test, drive it, always unmount it.
+
+    with pmemfs.open_region(size="256M") as region:       # a fresh image in a temporary directory
+        fd = os.open(region.pmem0, os.O_RDWR | os.O_DIRECT)
+        ...
+        region.inject_error(block=8, count=1)
+        with region.pin("dax0", 0, 1 << 20, longterm=True):
+            ...
+        region.kill()                                      # kill -9 of every daemon process
+        region.remount()
+        region.assert_balanced()
+
+A thin layer over :mod:`pmemfs.client`, which talks to the daemon only through the mount; the CLI
+is a client of the same calls. Kept free of numpy, pyfuse3 and trio: ``import pmemfs`` stays fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator
+
+from . import client, owners
+from .errors import MountError, PmemfsError, UsageError
+from .options import DEFAULT_SPIN_US, MAX_SPIN_US, MAX_WORKERS, default_workers
+from .sizes import parse_size
+
+# typing.TYPE_CHECKING would load typing, a twentieth of the CLI's start-up; type checkers know the name.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    from .dax import DaxMapping
+
+DATA_FILES = client.DATA_FILES
+# How long the pin checks wait for references the kernel drops after the fact (a release is sent
+# after the last close; a page-cache fill's get_page ends with its reply).
+SETTLE_S = 2.0
+
+
+class Pin:
+    """A pin held through ``.pmemfs/pin``: what :meth:`Mount.pin` yields."""
+
+    # A plain class: a dataclass or NamedTuple would load typing/inspect, a tenth of the CLI's start-up.
+    __slots__ = ("id", "file", "offset", "length", "kind")
+
+    def __init__(self, id: int, file: str, offset: int, length: int, kind: str) -> None:
+        self.id, self.file, self.offset, self.length, self.kind = id, file, offset, length, kind
+
+    def __repr__(self) -> str:
+        return f"Pin(id={self.id}, file={self.file!r}, offset={self.offset}, length={self.length}, kind={self.kind!r})"
+
+
+class Mount:
+    """A pmemfs mount, whoever started it: its data files and what its control files offer.
+
+    Every method raises the project's errors (:class:`pmemfs.PmemfsError` and its subclasses)
+    with the message the CLI would print.
+    """
+
+    def __init__(self, mountpoint: str | os.PathLike[str]) -> None:
+        self.mountpoint = os.path.abspath(mountpoint)
+
+    @property
+    def pmem0(self) -> str:
+        """The PMEM "ram disk" (what ``/dev/pmem0`` is to direct-I/O code)."""
+        return os.path.join(self.mountpoint, "pmem0")
+
+    @property
+    def dax0(self) -> str:
+        """The device-dax style view of the same media, for mmap load/store."""
+        return os.path.join(self.mountpoint, "dax0")
+
+    def status(self) -> dict[str, Any]:
+        """``.pmemfs/status``: geometry, counters, registry, badblocks, shutdowns."""
+        return client.read_status(self.mountpoint)
+
+    def pages(self) -> dict[str, Any]:
+        """``.pmemfs/pages``: the referenced page ranges and every holder."""
+        return client.read_pages(self.mountpoint)
+
+    def trace(self) -> list[str]:
+        """The page registry's recent events, oldest first, one line each."""
+        return client.read_control(self.mountpoint, "trace").splitlines()
+
+    @contextlib.contextmanager
+    def tracing_io(self) -> Iterator[None]:
+        """Trace every I/O transfer too (not only pins and sessions) while the block runs."""
+        with client.PinSession(self.mountpoint) as session:
+            session.trace_io(True)
+            yield
+
+    def badblocks(self) -> list[tuple[int, int]]:
+        """The poisoned 512-byte blocks of the data area, as (first block, count)."""
+        return client.read_badblocks(self.mountpoint)
+
+    def inject_error(self, block: int, count: int = 1) -> None:
+        """Poison ``count`` 512-byte blocks from ``block`` (of the data area), like ``ndctl inject-error``."""
+        with client.PinSession(self.mountpoint) as session:
+            session.inject(block, count)
+
+    def uninject_error(self, block: int, count: int = 1) -> None:
+        """Take blocks off the poison list, leaving their data as it is."""
+        with client.PinSession(self.mountpoint) as session:
+            session.uninject(block, count)
+
+    def clear_errors(self) -> list[tuple[int, int]]:
+        """Zero every poisoned block, which clears its poison; return the blocks that were poisoned."""
+        before = self.badblocks()
+        with client.PinSession(self.mountpoint) as session:
+            session.clear_errors()
+        return before
+
+    def zero(self, offset: int, length: int, *, timeout_s: float = 30.0) -> None:
+        """Bulk-zero a byte range of the data area, waiting up to ``timeout_s`` for pinned pages in it."""
+        client.zero(self.mountpoint, offset, length, timeout_s=timeout_s)
+
+    @contextlib.contextmanager
+    def pin(self, file: str, offset: int, length: int, *, longterm: bool = False) -> Iterator[Pin]:
+        """Hold a pin on a byte range of ``pmem0`` or ``dax0`` while the block runs.
+
+        ``longterm`` is FOLL_LONGTERM (an RDMA registration): refused on pmem0 (fsdax) with
+        :class:`pmemfs.PmemfsError` errno EOPNOTSUPP, allowed on dax0 (devdax).
+        """
+        if file not in DATA_FILES:
+            raise UsageError(f"cannot pin {file!r}: the files are {' and '.join(DATA_FILES)}")
+        with client.PinSession(self.mountpoint) as session:
+            held = session.pin(file, offset, length, longterm=longterm)
+            try:
+                yield Pin(**held)  # type: ignore[arg-type]
+            finally:
+                # Closing the session would drop it too, but the kernel sends that release later:
+                # unpin now so that the page is idle when the block is left.
+                with contextlib.suppress(PmemfsError):
+                    session.unpin(int(held["id"]))  # type: ignore[call-overload]
+
+    def dax(
+        self, offset: int = 0, length: int | None = None, *, allow_poison: bool = False, allocate: bool = True
+    ) -> DaxMapping:
+        """A zero-copy mapping of the media (:func:`pmemfs.dax.open_dax`); close it, or use it in ``with``."""
+        from .dax import open_dax  # numpy: only for those who map
+
+        return open_dax(self.mountpoint, offset, length, allow_poison=allow_poison, allocate=allocate)
+
+    def assert_no_pins(self, timeout_s: float = SETTLE_S) -> None:
+        """Raise AssertionError naming the holders unless no page is referenced or pinned.
+
+        Waits up to ``timeout_s`` for references the kernel drops asynchronously (the release of a
+        file closed a moment ago).
+        """
+        __tracebackhide__ = True  # pytest shows the test's line, not this one
+        if client.poll_until(lambda: self.status()["registry"]["referenced_pages"] == 0, timeout_s, 0.05):
+            return
+        lines = client.format_pages(self.pages())
+        raise AssertionError(f"pages of {self.mountpoint} are still referenced:\n" + "\n".join(lines))
+
+    def assert_balanced(self, timeout_s: float = SETTLE_S) -> None:
+        """:meth:`assert_no_pins`, and every pin acquired since the mount was released, no put unbalanced."""
+        __tracebackhide__ = True
+        self.assert_no_pins(timeout_s)
+        registry = self.status()["registry"]
+        problems = []
+        if registry["nr_foll_pin_acquired"] != registry["nr_foll_pin_released"]:
+            problems.append(
+                f"nr_foll_pin_acquired {registry['nr_foll_pin_acquired']} != "
+                f"nr_foll_pin_released {registry['nr_foll_pin_released']}"
+            )
+        if registry["nr_get_page"] != registry["nr_put_page"]:
+            problems.append(f"nr_get_page {registry['nr_get_page']} != nr_put_page {registry['nr_put_page']}")
+        if registry["nr_unbalanced"]:
+            problems.append(f"{registry['nr_unbalanced']} unbalanced put(s) or unpin(s)")
+        if problems:
+            raise AssertionError(f"the page registry of {self.mountpoint} is unbalanced: " + "; ".join(problems))
+
+    def unmount(self, *, timeout_s: float = 30.0) -> str:
+        """``pmemfs umount``: refuse if busy, drain references, unmount, wait for the clean exit."""
+        return client.unmount(self.mountpoint, timeout_s=timeout_s)
+
+
+def daemon_arguments(serve: str = "fast", workers: int | None = None, spin_us: int | None = None) -> tuple[str, ...]:
+    """The daemon's serving options, checked (UsageError), with the CLI's defaults filled in."""
+    if serve not in ("fast", "trio"):
+        raise UsageError(f"serve must be 'fast' or 'trio', not {serve!r}")
+    if serve == "trio" and workers not in (None, 1):
+        raise UsageError("workers need the fast path: the trio loop serves from one process")
+    if workers is not None and not 1 <= workers <= MAX_WORKERS:
+        raise UsageError(f"workers must be between 1 and {MAX_WORKERS}, not {workers}")
+    spin_us = DEFAULT_SPIN_US if spin_us is None else spin_us
+    if not 0 <= spin_us <= MAX_SPIN_US:
+        raise UsageError(f"spin_us must be between 0 and {MAX_SPIN_US}, not {spin_us}")
+    workers = workers or (default_workers() if serve == "fast" else 1)
+    return ("--serve", serve, "--workers", str(workers), "--spin-us", str(spin_us))
+
+
+class MountedRegion(Mount):
+    """A region :func:`open_region` mounted and will unmount: a :class:`Mount` that can also crash
+    (:meth:`kill`) and come back (:meth:`remount`)."""
+
+    def __init__(
+        self, image: str, mountpoint: str, workdir: str, *, daemon_args: tuple[str, ...], remove_workdir: bool = False
+    ) -> None:
+        super().__init__(mountpoint)
+        self.image = os.path.abspath(image)
+        self.workdir = workdir
+        self._remove_workdir = remove_workdir
+        #: The daemon's log; it outlives the daemon, so a test can read what a crashed one said.
+        self.log = os.path.join(workdir, "daemon.log")
+        self._daemon_args = daemon_args
+        self._daemon: subprocess.Popen[bytes] | None = None
+        #: How long leaving the ``with`` block waits for page references to drain before it gives up.
+        self.unmount_timeout_s = 30.0
+
+    @property
+    def mounted(self) -> bool:
+        """True while a daemon of ours serves the region (False after :meth:`kill`)."""
+        return self._daemon is not None
+
+    @property
+    def pid(self) -> int:
+        """The daemon's pid (the parent of its serving processes)."""
+        if self._daemon is None:
+            raise MountError(f"{self.mountpoint}: the region is not mounted (killed; call remount())")
+        return self._daemon.pid
+
+    def _start(self) -> None:
+        self._daemon = client.spawn_daemon(
+            self.image, self.mountpoint, log_path=self.log, daemon_args=self._daemon_args
+        )
+
+    def kill(self) -> list[int]:
+        """kill -9 every process of the daemon, as a crash would, and clear the dead mount.
+
+        What a write that returned stored survives (it is in the image's shared mapping); the next
+        :meth:`remount` counts an unclean shutdown. Returns the pids killed.
+        """
+        if self._daemon is None:
+            raise MountError(f"{self.mountpoint}: the region is not mounted, there is no daemon to kill")
+        daemon, self._daemon = self._daemon, None
+        killed = client.kill_daemon(self.image, self.mountpoint, daemon.pid)
+        daemon.wait()
+        client.cleanup_dead_mount(self.mountpoint)
+        return killed
+
+    def remount(self) -> None:
+        """Unmount (cleanly, if a daemon serves) and mount the same image again."""
+        if self._daemon is not None:
+            self._unmount()
+        self._start()
+
+    def _unmount(self, timeout_s: float = 30.0) -> None:
+        assert self._daemon is not None
+        client.unmount(self.mountpoint, timeout_s=timeout_s)
+        # client.unmount waited for it to exit; reap it.
+        self._daemon.wait()
+        self._daemon = None
+
+    def close(self, *, raise_errors: bool = True) -> None:
+        """Unmount, whatever it takes. When a clean unmount fails (a file left open, a pin never
+        released), kill the daemon, clear the mount, and raise MountError saying why."""
+        try:
+            if self._daemon is not None:
+                try:
+                    self._unmount(self.unmount_timeout_s)
+                except PmemfsError as err:
+                    self.kill()
+                    if raise_errors:
+                        raise MountError(
+                            f"{err}\n(pmemfs could not unmount {self.mountpoint} cleanly, so it killed the daemon; "
+                            "the image counts an unclean shutdown)"
+                        ) from None
+        finally:
+            owners.release(self.workdir)
+            _remove_unless_mounted(self.workdir, self._remove_workdir)
+
+    def __enter__(self) -> MountedRegion:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close(raise_errors=exc[0] is None)
+
+    def __repr__(self) -> str:
+        return f"<MountedRegion {self.image} at {self.mountpoint}{'' if self.mounted else ' (not mounted)'}>"
+
+
+def _remove_unless_mounted(workdir: str, remove: bool) -> None:
+    # Never a tree with a mount in it: rmtree would go on into the region's files.
+    if remove and not client.fuse_mounts_under(workdir):
+        import shutil
+
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    try:
+        return parse_size(size)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
+@contextlib.contextmanager
+def open_region(
+    image: str | os.PathLike[str] | None = None,
+    size: int | str = "256M",
+    mode: str = "fsdax",
+    map: str = "dev",
+    workers: int | None = None,
+    *,
+    directory: str | os.PathLike[str] | None = None,
+    mountpoint: str | os.PathLike[str] | None = None,
+    align: int | str = "2M",
+    serve: str = "fast",
+    spin_us: int | None = None,
+    unmount_timeout_s: float = 30.0,
+) -> Iterator[MountedRegion]:
+    """Mount a region for the ``with`` block and unmount it on the way out, whatever happened.
+
+    ``image``: the image to serve; None makes a fresh one. An image that does not exist yet is
+    created with ``size``, ``mode`` (fsdax/devdax), ``map`` (dev/mem) and ``align``; an existing
+    one is served as it is. ``directory``: where the fresh image, the mountpoint (``mnt``) and the
+    daemon's log (``daemon.log``) go, kept afterwards; by default a temporary directory, removed
+    afterwards. ``workers``, ``serve``, ``spin_us``: as ``pmemfs mount`` takes them.
+
+    Leaving the block unmounts as ``pmemfs umount`` does, waiting up to ``unmount_timeout_s`` for
+    page references to drain; if that fails (a file still open, a pin never released) the daemon is
+    killed instead and, unless the block raised, MountError says why.
+    """
+    daemon_args = daemon_arguments(serve, workers, spin_us)
+    workdir = os.path.abspath(directory) if directory is not None else None
+    if workdir is not None:
+        os.makedirs(workdir, exist_ok=True)
+    else:
+        workdir = tempfile.mkdtemp(prefix="pmemfs-")
+    owned_mountpoint = mountpoint is None
+    try:
+        image = os.path.join(workdir, "pmem.img") if image is None else os.fspath(image)
+        if not os.path.exists(image):
+            from .region import create_image  # numpy: only for those who create
+
+            create_image(image, _size(size), mode=mode, map=map, align=_size(align), force=False)
+        mountpoint = os.path.join(workdir, "mnt") if mountpoint is None else os.fspath(mountpoint)
+        os.makedirs(mountpoint, exist_ok=True)
+        region = MountedRegion(image, mountpoint, workdir, daemon_args=daemon_args, remove_workdir=directory is None)
+        region.unmount_timeout_s = unmount_timeout_s
+        if owned_mountpoint:
+            # Before the mount: a run killed at any point leaves nothing that the next run's sweep
+            # (pmemfs.owners) cannot recognise as an orphan.
+            owners.claim(workdir, region.image, region.mountpoint)
+        region._start()
+    except BaseException:
+        owners.release(workdir)
+        _remove_unless_mounted(workdir, directory is None)
+        raise
+    with region:
+        yield region
