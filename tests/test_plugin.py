@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
-from importlib.metadata import entry_points
 
 import pytest
 from conftest import wait_for
@@ -20,11 +19,9 @@ from pmemfs import client
 
 pytest_plugins = ["pytester"]
 
-# The entry point loads the plugin into every pytest run; a checkout used before `pip install -e .`
-# has none, and then the runs here name the plugin themselves.
-INSTALLED = any(ep.value == "pmemfs.pytest_plugin" for ep in entry_points(group="pytest11"))
-PLUGIN = [] if INSTALLED else ["-p", "pmemfs.pytest_plugin"]
-BASE = ["-p", "no:cacheprovider", "--strict-markers", *PLUGIN]
+# The entry point loads the plugin into every pytest run; naming it too is harmless (the entry point
+# has its name) and lets these tests run from a checkout used before `pip install -e .`.
+BASE = ["-p", "no:cacheprovider", "--strict-markers", "-p", "pmemfs.pytest_plugin"]
 
 USER_TESTS = """
 import mmap, os
