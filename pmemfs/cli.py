@@ -144,36 +144,39 @@ def cmd_status(args: argparse.Namespace) -> str | None:
     if args.json:
         _print_json(status)
         return None
+    print(format_status(status))
+    return None
+
+
+def format_status(status: dict) -> str:
+    """``.pmemfs/status`` as ``pmemfs status`` prints it (scripts/demo.py prints it too)."""
     counters, registry = status["counters"], status["registry"]
-    print(
-        "\n".join(
-            [
-                f"{status['mountpoint']}: {status['mode']} map={status['map']} {format_size(status['size'])} "
-                f"(image {status['image']}, daemon pid {status['pid']})",
-                f"  uuid {status['uuid']}, dataoff {status['dataoff']}, npfns {status['npfns']}, "
-                f"align {format_size(status['align'])}",
-                f"  blockdev: {status['blockdev'] or '-'}   allocated: {status['allocated_bytes']} bytes   "
-                f"badblock_count: {status['badblock_count']}",
-                f"  serving: {status['serving']['mode']} loop, {status['serving']['workers']} process(es), "
-                f"polls {status['serving'].get('spin_us', 0)} µs after a reply",
-                f"  mounts {status['mounts']}, unclean shutdowns {status['unclean_shutdowns']}, "
-                f"this start after a{'n unclean' if status['previous_shutdown'] == 'unclean' else ' clean'} shutdown",
-                "  reads {reads} ({read_bytes} B, {direct_reads} direct), writes {writes} ({write_bytes} B, "
-                "{direct_writes} direct), fsyncs {fsyncs}, errors {errors}".format(**counters),
-                "  pages: {referenced_pages} referenced, {pinned_pages} pinned, {holders} holder(s); "
-                "device reference {alive}".format(alive="alive" if registry["device_alive"] else "killed", **registry),
-                "  nr_foll_pin_acquired {nr_foll_pin_acquired}, nr_foll_pin_released {nr_foll_pin_released}, "
-                "get_page {nr_get_page}, put_page {nr_put_page}, "
-                "unbalanced {nr_unbalanced}, refused {nr_refused}".format(**registry),
-            ]
-            + (
-                [f"  stale references reset at mount: {status['stale_references']['pages']} page(s)"]
-                if status["stale_references"]["pages"]
-                else []
-            )
+    return "\n".join(
+        [
+            f"{status['mountpoint']}: {status['mode']} map={status['map']} {format_size(status['size'])} "
+            f"(image {status['image']}, daemon pid {status['pid']})",
+            f"  uuid {status['uuid']}, dataoff {status['dataoff']}, npfns {status['npfns']}, "
+            f"align {format_size(status['align'])}",
+            f"  blockdev: {status['blockdev'] or '-'}   allocated: {status['allocated_bytes']} bytes   "
+            f"badblock_count: {status['badblock_count']}",
+            f"  serving: {status['serving']['mode']} loop, {status['serving']['workers']} process(es), "
+            f"polls {status['serving'].get('spin_us', 0)} µs after a reply",
+            f"  mounts {status['mounts']}, unclean shutdowns {status['unclean_shutdowns']}, "
+            f"this start after a{'n unclean' if status['previous_shutdown'] == 'unclean' else ' clean'} shutdown",
+            "  reads {reads} ({read_bytes} B, {direct_reads} direct), writes {writes} ({write_bytes} B, "
+            "{direct_writes} direct), fsyncs {fsyncs}, errors {errors}".format(**counters),
+            "  pages: {referenced_pages} referenced, {pinned_pages} pinned, {holders} holder(s); "
+            "device reference {alive}".format(alive="alive" if registry["device_alive"] else "killed", **registry),
+            "  nr_foll_pin_acquired {nr_foll_pin_acquired}, nr_foll_pin_released {nr_foll_pin_released}, "
+            "get_page {nr_get_page}, put_page {nr_put_page}, "
+            "unbalanced {nr_unbalanced}, refused {nr_refused}".format(**registry),
+        ]
+        + (
+            [f"  stale references reset at mount: {status['stale_references']['pages']} page(s)"]
+            if status["stale_references"]["pages"]
+            else []
         )
     )
-    return None
 
 
 def cmd_zero(args: argparse.Namespace) -> str | None:

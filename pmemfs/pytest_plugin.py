@@ -103,12 +103,11 @@ class FixtureRegions:
             pytest.fail(f"{what}: unknown option(s) {', '.join(unknown)}; it takes {', '.join(OPTIONS)}", pytrace=False)
         name = self.prefix if not self.opened else f"{self.prefix}-{len(self.opened) + 1}"
         manager = open_region(directory=os.path.join(self.tmp_path, name), **{**DEFAULTS, **options})  # type: ignore[arg-type]
+        failure: str | None = None
         try:
             region = manager.__enter__()
         except PmemfsError as err:
             failure = str(err)
-        else:
-            failure = None
         if failure is not None:  # outside the except: the report shows this line, not a chain of two
             # Only a machine without FUSE is a reason to skip: anything else is a failure to see.
             pytest.fail(f"{what}: cannot mount a pmem region: {failure}", pytrace=False)

@@ -92,16 +92,24 @@ def nothing_left_mounted(pytester: pytest.Pytester) -> Iterator[None]:
     assert not left, f"left mounted: {left}"
 
 
+def readme_test() -> str:
+    """The ten-line test the README's "Use it in your tests" starts with."""
+    with open(os.path.join(os.path.dirname(__file__), "..", "README.md")) as f:
+        readme = f.read()
+    section = readme[readme.index("## Use it in your tests") :]
+    return section[section.index("```python\n") + len("```python\n") : section.index("```\n\n- ")]
+
+
 @pytest.mark.usefixtures("nothing_left_mounted")
 def test_fixtures_marker_trio_and_failure_reports(pytester: pytest.Pytester) -> None:
     pytester.makeconftest(CONFTEST)
-    pytester.makepyfile(test_user=USER_TESTS)
+    pytester.makepyfile(test_user=USER_TESTS, test_readme=readme_test())
     result = pytester.runpytest(*BASE, "-rs")
-    result.assert_outcomes(passed=4, failed=1, errors=1)
+    result.assert_outcomes(passed=5, failed=1, errors=1)
     report = result.stdout.str()
     # pytest prints the errors, then the failures, then the summary.
     error = report[report.index("_ ERROR at setup of") : report.index("= FAILURES =")]
-    failure = report[report.index("_ test_a_failure_shows_what_the_device_saw _") : report.index("1 failed, 4 passed")]
+    failure = report[report.index("_ test_a_failure_shows_what_the_device_saw _") : report.index("1 failed, 5 passed")]
     for section in [r"pmem \S+/mnt: daemon log \(last 40 lines\)", r"pmem \S+/mnt: pages", r"pmem \S+/mnt: trace"]:
         assert re.search(f"^-+ {section}", failure, re.MULTILINE), section
     assert "INFO pmemfs: serving" in failure  # the log's tail
@@ -144,6 +152,13 @@ def test_a_balanced_test_passes(pmem):
     os.close(fd)
 
 
+OPEN = []
+
+
+def test_a_file_left_open_is_an_error_at_teardown(pmem):
+    OPEN.append(os.open(pmem.pmem0, os.O_RDONLY))  # no pin (no transfer), but umount refuses
+
+
 @pytest.fixture
 def no_fuse(monkeypatch):
     import pmemfs.pytest_plugin
@@ -161,7 +176,7 @@ def test_check_pins_option_and_the_skip_without_fuse(pytester: pytest.Pytester) 
     pytester.makeconftest(CONFTEST)
     pytester.makepyfile(test_checked=CHECKED_TESTS)
     result = pytester.runpytest(*BASE, "-rs", "--pmem-check-pins")
-    result.assert_outcomes(passed=1, failed=1, skipped=1)
+    result.assert_outcomes(passed=2, failed=1, skipped=1, errors=1)
     result.stdout.fnmatch_lines(
         [
             "*--pmem-check-pins: pages of */mnt are still referenced:",
@@ -170,6 +185,15 @@ def test_check_pins_option_and_the_skip_without_fuse(pytester: pytest.Pytester) 
         ]
     )
     result.stdout.fnmatch_lines(["SKIPPED * pmemfs needs /nonexistent/fuse (FUSE), which this machine does not have"])
+    # The region is unmounted all the same (nothing_left_mounted), and the error says why it was not clean.
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at teardown of test_a_file_left_open_is_an_error_at_teardown*",
+            "*/mnt is busy: pid * has pmem0 open. *",
+            "(pmemfs could not unmount */mnt cleanly, so it killed the daemon; the image counts an unclean shutdown)",
+            "- pmem */mnt: daemon log (last 40 lines) -",
+        ]
+    )
 
 
 @pytest.mark.usefixtures("nothing_left_mounted")
