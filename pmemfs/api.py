@@ -249,11 +249,22 @@ class MountedRegion(Mount):
             self._unmount()
         self._start()
 
+    def unmount(self, *, timeout_s: float = 30.0) -> str:
+        """Unmount cleanly now (:meth:`remount` mounts again); raise, the mount still up, if busy."""
+        if self._daemon is None:
+            raise MountError(f"{self.mountpoint}: the region is not mounted")
+        self._unmount(timeout_s)
+        return f"unmounted {self.mountpoint}"
+
     def _unmount(self, timeout_s: float = 30.0) -> None:
         assert self._daemon is not None
-        client.unmount(self.mountpoint, timeout_s=timeout_s)
-        # client.unmount waited for it to exit; reap it.
-        self._daemon.wait()
+        # Someone may have unmounted it behind our back (pmemfs umount): then the daemon is exiting.
+        if client.fuse_mount_entry(self.mountpoint):
+            client.unmount(self.mountpoint, timeout_s=timeout_s)
+        try:
+            self._daemon.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            raise MountError(f"the daemon of {self.mountpoint} did not exit within {timeout_s:g} s") from None
         self._daemon = None
 
     def close(self, *, raise_errors: bool = True) -> None:
@@ -271,8 +282,7 @@ class MountedRegion(Mount):
                             "the image counts an unclean shutdown)"
                         ) from None
         finally:
-            owners.release(self.workdir)
-            _remove_unless_mounted(self.workdir, self._remove_workdir)
+            _release(self.workdir, self.mountpoint, self._remove_workdir)
 
     def __enter__(self) -> MountedRegion:
         return self
@@ -284,8 +294,13 @@ class MountedRegion(Mount):
         return f"<MountedRegion {self.image} at {self.mountpoint}{'' if self.mounted else ' (not mounted)'}>"
 
 
-def _remove_unless_mounted(workdir: str, remove: bool) -> None:
-    # Never a tree with a mount in it: rmtree would go on into the region's files.
+def _release(workdir: str, mountpoint: str, remove: bool) -> None:
+    """Drop the claim on a region and (``remove``) its temporary directory, once nothing is mounted:
+    a region still mounted (an interrupted unmount) keeps its claim for the next run's sweep, and
+    rmtree must never go on into a mount."""
+    if client.fuse_mount_entry(mountpoint):
+        return
+    owners.release(workdir)
     if remove and not client.fuse_mounts_under(workdir):
         import shutil
 
@@ -351,8 +366,7 @@ def open_region(
             owners.claim(workdir, region.image, region.mountpoint)
         region._start()
     except BaseException:
-        owners.release(workdir)
-        _remove_unless_mounted(workdir, directory is None)
+        _release(workdir, os.path.join(workdir, "mnt"), directory is None)
         raise
     with region:
         yield region

@@ -186,19 +186,22 @@ def spawn_daemon(
         os.close(log_fd)
     os.close(write_end)
     try:
-        failure = _read_until_eof(read_end, daemon)
-    finally:
-        os.close(read_end)
-    if failure:
-        daemon.wait()
-        raise MountError(failure)
-    try:
+        try:
+            failure = _read_until_eof(read_end, daemon)
+        finally:
+            os.close(read_end)
+        if failure:
+            daemon.wait()
+            raise MountError(failure)
         wait_until_answering(mountpoint, daemon)
-    except MountError:
-        # Mounted but not answering: a daemon nobody will talk to must not stay behind (its workers
-        # follow it, PR_SET_PDEATHSIG); the next mount cleans up the dead mount it leaves.
-        daemon.kill()
+    except BaseException:
+        # A daemon nobody will talk to (it failed, did not answer, or we were interrupted while it
+        # started) must not stay behind, nor a mount it made; its workers follow it (PR_SET_PDEATHSIG).
+        if daemon.poll() is None:
+            daemon.kill()
         daemon.wait()
+        if fuse_mount_entry(mountpoint):
+            cleanup_dead_mount(mountpoint)
         raise
     return daemon
 

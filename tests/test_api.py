@@ -131,6 +131,10 @@ def test_the_cli_drives_a_region_the_api_mounted() -> None:
         assert "pin pid" in trace and "unpin pid" in trace and " zero " in trace
         assert f"daemon pid {region.pid}" in pmemfs("status", mnt).stdout
         region.assert_balanced()
+        assert region.unmount() == f"unmounted {mnt}" and not region.mounted
+        region.remount()
+        assert region.status()["unclean_shutdowns"] == 0 and region.status()["mounts"] == 2
+        pmemfs("umount", mnt)  # behind the handle's back: leaving the block has nothing left to do
     assert_gone(region)
 
 

@@ -76,6 +76,11 @@ def test_a_failure_shows_what_the_device_saw(pmem, leaked):
 @pytest.mark.pmem(size="1M")
 def test_a_region_that_cannot_be_made_is_an_error(pmem):
     pass
+
+
+@pytest.mark.pmem(sise="64M")
+def test_a_misspelt_option_is_an_error(pmem):
+    pass
 """
 
 
@@ -105,10 +110,10 @@ def test_fixtures_marker_trio_and_failure_reports(pytester: pytest.Pytester) -> 
     pytester.makeconftest(CONFTEST)
     pytester.makepyfile(test_user=USER_TESTS, test_readme=readme_test())
     result = pytester.runpytest(*BASE, "-rs")
-    result.assert_outcomes(passed=5, failed=1, errors=1)
+    result.assert_outcomes(passed=5, failed=1, errors=2)
     report = result.stdout.str()
     # pytest prints the errors, then the failures, then the summary.
-    error = report[report.index("_ ERROR at setup of") : report.index("= FAILURES =")]
+    error = report[report.index("_ ERROR at setup of test_a_region") : report.index("= FAILURES =")]
     failure = report[report.index("_ test_a_failure_shows_what_the_device_saw _") : report.index("1 failed, 5 passed")]
     for section in [r"pmem \S+/mnt: daemon log \(last 40 lines\)", r"pmem \S+/mnt: pages", r"pmem \S+/mnt: trace"]:
         assert re.search(f"^-+ {section}", failure, re.MULTILINE), section
@@ -119,6 +124,8 @@ def test_fixtures_marker_trio_and_failure_reports(pytester: pytest.Pytester) -> 
     result.stdout.fnmatch_lines(
         ["*ERROR at setup of test_a_region_that_cannot_be_made_is_an_error*"]
         + ["*@pytest.mark.pmem: cannot mount a pmem region: image size 1048576 is under the minimum*"]
+        + ["*ERROR at setup of test_a_misspelt_option_is_an_error*"]
+        + ["@pytest.mark.pmem: unknown option(s) sise; it takes image, size, mode, map, workers, align, *"]
     )
     assert "pmem /" not in error  # no region, no device sections
 
