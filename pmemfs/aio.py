@@ -85,6 +85,10 @@ class AsyncMountedRegion:
     def mounted(self) -> bool:
         return self.sync.mounted
 
+    @property
+    def pid(self) -> int:
+        return self.sync.pid
+
     async def status(self) -> dict[str, Any]:
         return await _in_thread(self.sync.status)
 
@@ -134,6 +138,9 @@ class AsyncMountedRegion:
 
     async def remount(self) -> None:
         await _in_thread(self.sync.remount)
+
+    async def unmount(self, *, timeout_s: float = 30.0) -> str:
+        return await _in_thread(self.sync.unmount, timeout_s=timeout_s)
 
     def __repr__(self) -> str:
         return f"<AsyncMountedRegion {self.image} at {self.mountpoint}>"

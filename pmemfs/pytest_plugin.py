@@ -55,9 +55,9 @@ class UsedRegion:
         sections = [(f"pmem {region.mountpoint}: daemon log (last {LOG_LINES} lines)", _tail(region.log, LOG_LINES))]
         if self.final is not None:
             return sections + self.final
-        return sections + self._device_sections()
+        return sections + self.device_sections()
 
-    def _device_sections(self) -> list[tuple[str, str]]:
+    def device_sections(self) -> list[tuple[str, str]]:
         region = self.region
         if not region.mounted:
             gone = "(not mounted: the test killed the daemon and did not remount)"
@@ -111,16 +111,16 @@ class FixtureRegions:
         if failure is not None:  # outside the except: the report shows this line, not a chain of two
             # Only a machine without FUSE is a reason to skip: anything else is a failure to see.
             pytest.fail(f"{what}: cannot mount a pmem region: {failure}", pytrace=False)
-        test_region = UsedRegion(region)
+        used = UsedRegion(region)
         self.managers.append(manager)
-        self.opened.append(test_region)
-        self.item.stash.setdefault(REGIONS, []).append(test_region)
+        self.opened.append(used)
+        self.item.stash.setdefault(REGIONS, []).append(used)
         return region
 
     def close(self) -> None:
-        for test_region in self.opened:
-            if test_region.region.mounted:
-                test_region.final = test_region._device_sections()
+        for used in self.opened:
+            if used.region.mounted:
+                used.final = used.device_sections()
         errors = []
         for manager in reversed(self.managers):
             try:
@@ -195,10 +195,10 @@ def pytest_runtest_call(item: pytest.Item) -> None:
     config = item.config
     if not (config.getoption("pmem_check_pins") or config.getini("pmem_check_pins")):
         return
-    for test_region in item.stash.get(REGIONS, []):
-        if test_region.region.mounted:
+    for used in item.stash.get(REGIONS, []):
+        if used.region.mounted:
             try:
-                test_region.region.assert_balanced()
+                used.region.assert_balanced()
             except AssertionError as err:
                 pytest.fail(f"--pmem-check-pins: {err}", pytrace=False)
 
@@ -209,8 +209,8 @@ def pytest_runtest_makereport(
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
     if report.failed:
-        for test_region in item.stash.get(REGIONS, []):
-            report.sections.extend(test_region.sections())
+        for used in item.stash.get(REGIONS, []):
+            report.sections.extend(used.sections())
     return report
 
 
