@@ -160,13 +160,14 @@ async def open_region_async(
     serve: str = "fast",
     spin_us: int | None = None,
     unmount_timeout_s: float = 30.0,
+    trace_io: bool = False,
 ) -> AsyncIterator[AsyncMountedRegion]:
     """:func:`pmemfs.open_region` for trio code: ``async with``, the same arguments, an
     :class:`AsyncMountedRegion`. The region is unmounted on the way out even when the task is cancelled."""
     manager = open_region(
         image, size, mode, map, workers,
         directory=directory, mountpoint=mountpoint, align=align, serve=serve, spin_us=spin_us,
-        unmount_timeout_s=unmount_timeout_s,
+        unmount_timeout_s=unmount_timeout_s, trace_io=trace_io,
     )  # fmt: skip
     async with _in_threads(manager) as region:
         yield AsyncMountedRegion(region)

@@ -211,6 +211,9 @@ class MountedRegion(Mount):
         self._daemon: subprocess.Popen[bytes] | None = None
         #: How long leaving the ``with`` block waits for page references to drain before it gives up.
         self.unmount_timeout_s = 30.0
+        #: Trace every I/O transfer, in every mount of the region (a session held open for it).
+        self.trace_io = False
+        self._tracer: client.PinSession | None = None
 
     @property
     def mounted(self) -> bool:
@@ -228,6 +231,20 @@ class MountedRegion(Mount):
         self._daemon = client.spawn_daemon(
             self.image, self.mountpoint, log_path=self.log, daemon_args=self._daemon_args
         )
+        if self.trace_io:
+            try:
+                self._tracer = client.PinSession(self.mountpoint)
+                self._tracer.trace_io(True)
+            except BaseException:
+                self.kill()  # a region half set up is no region: nobody would unmount it
+                raise
+
+    def _drop_tracer(self) -> None:
+        # Before an unmount, which a control file held open would make fail (EBUSY).
+        if self._tracer is not None:
+            with contextlib.suppress(OSError):  # on a dead mount the release fails too
+                self._tracer.close()
+            self._tracer = None
 
     def kill(self) -> list[int]:
         """kill -9 every process of the daemon, as a crash would, and clear the dead mount.
@@ -240,6 +257,7 @@ class MountedRegion(Mount):
         daemon, self._daemon = self._daemon, None
         killed = client.kill_daemon(self.image, self.mountpoint, daemon.pid)
         daemon.wait()
+        self._drop_tracer()
         client.cleanup_dead_mount(self.mountpoint)
         return killed
 
@@ -258,6 +276,7 @@ class MountedRegion(Mount):
 
     def _unmount(self, timeout_s: float = 30.0) -> None:
         assert self._daemon is not None
+        self._drop_tracer()
         # Someone may have unmounted it behind our back (pmemfs umount): then the daemon is exiting.
         if client.fuse_mount_entry(self.mountpoint):
             client.unmount(self.mountpoint, timeout_s=timeout_s)
@@ -330,6 +349,7 @@ def open_region(
     serve: str = "fast",
     spin_us: int | None = None,
     unmount_timeout_s: float = 30.0,
+    trace_io: bool = False,
 ) -> Iterator[MountedRegion]:
     """Mount a region for the ``with`` block and unmount it on the way out, whatever happened.
 
@@ -337,7 +357,9 @@ def open_region(
     created with ``size``, ``mode`` (fsdax/devdax), ``map`` (dev/mem) and ``align``; an existing
     one is served as it is. ``directory``: where the fresh image, the mountpoint (``mnt``) and the
     daemon's log (``daemon.log``) go, kept afterwards; by default a temporary directory, removed
-    afterwards. ``workers``, ``serve``, ``spin_us``: as ``pmemfs mount`` takes them.
+    afterwards. ``workers``, ``serve``, ``spin_us``: as ``pmemfs mount`` takes them. ``trace_io``:
+    :meth:`~Mount.trace` shows every I/O transfer too, not only pins and sessions (a control file is
+    held open for it, so an unmount by anyone but the handle is refused as busy).
 
     Leaving the block unmounts as ``pmemfs umount`` does, waiting up to ``unmount_timeout_s`` for
     page references to drain; if that fails (a file still open, a pin never released) the daemon is
@@ -359,7 +381,7 @@ def open_region(
         mountpoint = os.path.join(workdir, "mnt") if mountpoint is None else os.fspath(mountpoint)
         os.makedirs(mountpoint, exist_ok=True)
         region = MountedRegion(image, mountpoint, workdir, daemon_args=daemon_args, remove_workdir=directory is None)
-        region.unmount_timeout_s = unmount_timeout_s
+        region.unmount_timeout_s, region.trace_io = unmount_timeout_s, trace_io
         if owned_mountpoint:
             # Before the mount: a run killed at any point leaves nothing that the next run's sweep
             # (pmemfs.owners) cannot recognise as an orphan.

@@ -32,8 +32,8 @@ FUSE_DEVICE = "/dev/fuse"
 # The marker and the factory take open_region's keywords but where the region goes: the fixtures choose.
 OPTIONS = [name for name in inspect.signature(open_region).parameters if name not in ("directory", "mountpoint")]
 # A test's region is torn down in seconds, not in open_region's 30: a pin still held after the
-# test is a leak, not a transfer about to finish.
-DEFAULTS = {"unmount_timeout_s": 5.0}
+# test is a leak, not a transfer about to finish. Its trace records every transfer, for the report.
+DEFAULTS: dict[str, object] = {"unmount_timeout_s": 5.0, "trace_io": True}
 LOG_LINES = 40
 TRACE_EVENTS = 40
 

@@ -67,6 +67,7 @@ async def test_an_async_test_takes_pmem(pmem):
 
 
 def test_a_failure_shows_what_the_device_saw(pmem, leaked):
+    direct_write(pmem.pmem0, 65536, b"y" * 4096)
     pin = pmem.pin("dax0", 0, 8192, longterm=True)
     pin.__enter__()
     leaked.append(pin)
@@ -118,9 +119,10 @@ def test_fixtures_marker_trio_and_failure_reports(pytester: pytest.Pytester) -> 
     for section in [r"pmem \S+/mnt: daemon log \(last 40 lines\)", r"pmem \S+/mnt: pages", r"pmem \S+/mnt: trace"]:
         assert re.search(f"^-+ {section}", failure, re.MULTILINE), section
     assert "INFO pmemfs: serving" in failure  # the log's tail
-    assert "nr_foll_pin_acquired 2, nr_foll_pin_released 0" in failure  # a pin counts its pages
+    assert "nr_foll_pin_acquired 3, nr_foll_pin_released 1" in failure  # a pin counts its pages
     assert "holds a longterm reference on dax0 offset 0 length 8192" in failure
-    assert "pin pid" in failure  # a trace event
+    assert re.search(r"unpin pid \d+ pmem0 pfn 16\+1\n", failure)  # the transfer, traced for the report
+    assert "pin pid" in failure and "dax0 pfn 0+2 session pin" in failure
     result.stdout.fnmatch_lines(
         ["*ERROR at setup of test_a_region_that_cannot_be_made_is_an_error*"]
         + ["*@pytest.mark.pmem: cannot mount a pmem region: image size 1048576 is under the minimum*"]
