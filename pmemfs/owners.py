@@ -42,8 +42,8 @@ def release(workdir: str) -> None:
         os.unlink(os.path.join(workdir, CLAIM))
 
 
-def orphans(root: str, *, mine_too: bool = False) -> list[dict[str, object]]:
-    """The claims of regions mounted under ``root`` whose owner process is gone (or is this one)."""
+def orphans(root: str) -> list[dict[str, object]]:
+    """The claims of regions mounted under ``root`` whose owner process is gone."""
     found = []
     for mountpoint in client.fuse_mounts_under(root):
         try:
@@ -53,17 +53,16 @@ def orphans(root: str, *, mine_too: bool = False) -> list[dict[str, object]]:
             continue  # not a region of the API's: someone else's business
         if record.get("mountpoint") != mountpoint or not isinstance(record.get("start"), int):
             continue
-        mine = int(record["pid"]) == os.getpid()
-        if _start_time(int(record["pid"])) != record["start"] or (mine_too and mine):
+        if _start_time(int(record["pid"])) != record["start"]:
             found.append(record)
     return found
 
 
-def sweep(root: str, *, mine_too: bool = False, timeout_s: float = 5.0) -> list[str]:
-    """Take down every orphaned region under ``root`` (and this process's, with ``mine_too``):
-    unmount it cleanly if it can be, else kill its daemon and clear the mount. Returns their mountpoints."""
+def sweep(root: str, timeout_s: float = 5.0) -> list[str]:
+    """Take down every orphaned region under ``root``: unmount it cleanly if it can be, else kill
+    its daemon and clear the mount. Returns their mountpoints."""
     swept = []
-    for record in orphans(root, mine_too=mine_too):
+    for record in orphans(root):
         mountpoint, image = str(record["mountpoint"]), str(record["image"])
         try:
             client.unmount(mountpoint, timeout_s=timeout_s)

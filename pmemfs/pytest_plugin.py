@@ -40,6 +40,8 @@ TRACE_EVENTS = 40
 # The regions each test used, and what they showed just before they were unmounted, for its report.
 REGIONS = pytest.StashKey[list["UsedRegion"]]()
 SWEPT = pytest.StashKey[list[str]]()
+# The fixtures' regions not yet unmounted: only an interrupted teardown leaves one here at the end.
+OPEN = pytest.StashKey[set[MountedRegion]]()
 
 
 class UsedRegion:
@@ -90,6 +92,7 @@ class FixtureRegions:
 
     def __init__(self, request: pytest.FixtureRequest, tmp_path: os.PathLike[str], prefix: str) -> None:
         self.item = request.node
+        self.open_regions = request.config.stash.setdefault(OPEN, set())
         self.tmp_path = tmp_path
         self.prefix = prefix
         self.opened: list[UsedRegion] = []
@@ -115,6 +118,7 @@ class FixtureRegions:
         self.managers.append(manager)
         self.opened.append(used)
         self.item.stash.setdefault(REGIONS, []).append(used)
+        self.open_regions.add(region)
         return region
 
     def close(self) -> None:
@@ -127,6 +131,7 @@ class FixtureRegions:
                 manager.__exit__(None, None, None)
             except PmemfsError as err:  # and the next region is unmounted all the same
                 errors.append(str(err))
+        self.open_regions.difference_update(used.region for used in self.opened)
         if errors:
             pytest.fail("\n".join(errors), pytrace=False)
 
@@ -154,11 +159,12 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session")
 def _pmem_sweep(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Take down regions left mounted by a run that was killed (their owner is gone) before the
-    first test mounts one, and this run's own leftovers at its end: nothing outlives a run."""
+    first test mounts one, and at the end any whose teardown was interrupted: nothing outlives a run."""
     basetemp = str(tmp_path_factory.getbasetemp())
     request.config.stash[SWEPT] = owners.sweep(os.path.dirname(basetemp))
     yield
-    owners.sweep(basetemp, mine_too=True)
+    for region in request.config.stash.get(OPEN, set()):
+        region.close(raise_errors=False)
 
 
 @pytest.fixture

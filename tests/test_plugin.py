@@ -213,6 +213,25 @@ def test_an_interrupted_run_unmounts_and_a_killed_one_is_swept_by_the_next(pytes
     assert result.ret == pytest.ExitCode.INTERRUPTED
     assert not client.fuse_mounts_under(str(pytester.path))
 
+    # Ctrl-C in the middle of the region's own unmount: the end of the session takes it down.
+    pytester.makepyfile(
+        test_interrupted_teardown="""
+from pmemfs import client
+
+def test_interrupted_teardown(pmem):
+    unmount = client.unmount
+
+    def ctrl_c(*args, **kwargs):
+        client.unmount = unmount  # once
+        raise KeyboardInterrupt
+
+    client.unmount = ctrl_c
+"""
+    )
+    result = pytester.runpytest_inprocess(*BASE, "test_interrupted_teardown.py", no_reraise_ctrlc=True)
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    assert not client.fuse_mounts_under(str(pytester.path))
+
     # SIGKILL: nothing runs, the daemon (in a session of its own) serves on; the next run takes it down.
     ready = pytester.path / "mounted"
     pytester.makepyfile(
