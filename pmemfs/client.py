@@ -200,7 +200,7 @@ def spawn_daemon(
         if daemon.poll() is None:
             daemon.kill()
         daemon.wait()
-        if fuse_mount_entry(mountpoint):
+        if fuse_mount_entry(mountpoint) and mount_is_dead(mountpoint):  # ours, now dead; never another's
             cleanup_dead_mount(mountpoint)
         raise
     return daemon

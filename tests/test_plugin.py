@@ -106,6 +106,17 @@ def readme_test() -> str:
     return section[section.index("```python\n") + len("```python\n") : section.index("```\n\n- ")]
 
 
+def test_the_entry_point_is_the_plugin() -> None:
+    # What `pip install` registers, so that a user's pytest loads the plugin with no configuration.
+    import tomllib
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "pyproject.toml"), "rb") as f:
+        entry_points = tomllib.load(f)["project"]["entry-points"]["pytest11"]
+    assert entry_points == {"pmemfs.pytest_plugin": "pmemfs.pytest_plugin"}
+    plugin = __import__("pmemfs.pytest_plugin", fromlist=["pmem"])
+    assert all(hasattr(plugin, name) for name in ("pmem", "pmem_factory", "pytest_addoption", "pytest_configure"))
+
+
 @pytest.mark.usefixtures("nothing_left_mounted")
 def test_fixtures_marker_trio_and_failure_reports(pytester: pytest.Pytester) -> None:
     pytester.makeconftest(CONFTEST)
