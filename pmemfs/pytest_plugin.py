@@ -21,6 +21,7 @@ import contextlib
 import inspect
 import os
 from collections.abc import Callable, Generator, Iterator
+from typing import Any
 
 import pytest
 
@@ -209,15 +210,15 @@ def pytest_runtest_call(item: pytest.Item) -> None:
                 pytest.fail(f"--pmem-check-pins: {err}", pytrace=False)
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(
-    item: pytest.Item, call: pytest.CallInfo[None]
-) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    report = yield
+# An old-style wrapper: pluggy has new-style ones only since 1.1, and a plugin that every pytest
+# run of a pmemfs user loads must not stop an older pytest from starting.
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()
     if report.failed:
         for used in item.stash.get(REGIONS, []):
             report.sections.extend(used.sections())
-    return report
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
