@@ -7,7 +7,7 @@ its subclasses. The pytest plugin (``pmemfs.pytest_plugin``) builds its fixtures
 
 from __future__ import annotations
 
-from .api import Mount, MountedRegion, Pin, open_region
+from .api import MountedRegion, open_region
 from .errors import (
     CorruptImage,
     DeviceGone,
@@ -21,6 +21,7 @@ from .errors import (
     PmemfsError,
     UsageError,
 )
+from .mount import Mount, Pin
 
 # typing.TYPE_CHECKING would load typing, a twentieth of the CLI's start-up; type checkers know the name.
 TYPE_CHECKING = False

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
-from .api import MountedRegion, Pin, open_region
+from .api import MountedRegion, open_region
+from .mount import SETTLE_S, Pin
 
 if TYPE_CHECKING:
     from .dax import DaxMapping
@@ -126,10 +127,10 @@ class AsyncMountedRegion:
     ) -> DaxMapping:
         return await _in_thread(self.sync.dax, offset, length, allow_poison=allow_poison, allocate=allocate)
 
-    async def assert_no_pins(self, timeout_s: float = 2.0) -> None:
+    async def assert_no_pins(self, timeout_s: float = SETTLE_S) -> None:
         await _in_thread(self.sync.assert_no_pins, timeout_s)
 
-    async def assert_balanced(self, timeout_s: float = 2.0) -> None:
+    async def assert_balanced(self, timeout_s: float = SETTLE_S) -> None:
         await _in_thread(self.sync.assert_balanced, timeout_s)
 
     # A cancel while these run lets the thread finish (trio waits for it): never half a crash.

@@ -14,8 +14,9 @@ import traceback
 from collections.abc import Sequence
 
 from . import client
-from .api import Mount, daemon_arguments
+from .api import daemon_arguments
 from .errors import PmemfsError, UsageError
+from .mount import Mount
 from .options import DEFAULT_SPIN_US, MAX_SPIN_US, MAX_WORKERS, default_workers
 from .sizes import format_size, parse_size
 
