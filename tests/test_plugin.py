@@ -13,8 +13,10 @@ from collections.abc import Iterator
 import pytest
 from conftest import wait_for
 
+# Loaded before pytester's in-process runs, which unload what they load: numpy cannot load twice.
 import pmemfs.aio  # noqa: F401
-import pmemfs.region  # noqa: F401  (numpy: pytester's in-process runs unload what they load, numpy cannot load twice)
+import pmemfs.pytest_plugin as plugin
+import pmemfs.region  # noqa: F401
 from pmemfs import client
 
 pytest_plugins = ["pytester"]
@@ -113,7 +115,6 @@ def test_the_entry_point_is_the_plugin() -> None:
     with open(os.path.join(os.path.dirname(__file__), "..", "pyproject.toml"), "rb") as f:
         entry_points = tomllib.load(f)["project"]["entry-points"]["pytest11"]
     assert entry_points == {"pmemfs.pytest_plugin": "pmemfs.pytest_plugin"}
-    plugin = __import__("pmemfs.pytest_plugin", fromlist=["pmem"])
     assert all(hasattr(plugin, name) for name in ("pmem", "pmem_factory", "pytest_addoption", "pytest_configure"))
 
 
