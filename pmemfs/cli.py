@@ -14,7 +14,9 @@ import traceback
 from collections.abc import Sequence
 
 from . import client
+from .api import daemon_arguments
 from .errors import PmemfsError, UsageError
+from .mount import Mount
 from .options import DEFAULT_SPIN_US, MAX_SPIN_US, MAX_WORKERS, default_workers
 from .sizes import format_size, parse_size
 
@@ -97,8 +99,8 @@ def cmd_mount(args: argparse.Namespace) -> str | None:
         raise UsageError(f"--workers must be between 1 and {MAX_WORKERS}")
     if not 0 <= args.spin_us <= MAX_SPIN_US:
         raise UsageError(f"--spin-us must be between 0 and {MAX_SPIN_US}")
-    args.workers = args.workers or (default_workers() if args.serve == "fast" else 1)
     if args.foreground:
+        args.workers = args.workers or (default_workers() if args.serve == "fast" else 1)
         if args.loop:
             raise PmemfsError("--loop needs the daemon in the background: drop --foreground")
         import logging
@@ -120,8 +122,7 @@ def cmd_mount(args: argparse.Namespace) -> str | None:
         if code:
             sys.exit(code)
         return None
-    daemon_args: tuple[str, ...] = ("--serve", args.serve, "--workers", str(args.workers))
-    daemon_args += ("--spin-us", str(args.spin_us))
+    daemon_args = daemon_arguments(args.serve, args.workers, args.spin_us)
     daemon_args += () if args.track_references else ("--no-references",)
     pid = client.start_daemon(args.image, args.mountpoint, log_path=args.log, debug=args.debug, daemon_args=daemon_args)
     if not args.loop:
@@ -136,114 +137,104 @@ def cmd_mount(args: argparse.Namespace) -> str | None:
 
 
 def cmd_umount(args: argparse.Namespace) -> str | None:
-    return client.unmount(args.mountpoint, timeout_s=args.timeout)
+    return Mount(args.mountpoint).unmount(timeout_s=args.timeout)
 
 
 def cmd_status(args: argparse.Namespace) -> str | None:
-    status = client.read_status(args.mountpoint)
+    status = Mount(args.mountpoint).status()
     if args.json:
         _print_json(status)
         return None
-    counters, registry = status["counters"], status["registry"]
-    print(
-        "\n".join(
-            [
-                f"{status['mountpoint']}: {status['mode']} map={status['map']} {format_size(status['size'])} "
-                f"(image {status['image']}, daemon pid {status['pid']})",
-                f"  uuid {status['uuid']}, dataoff {status['dataoff']}, npfns {status['npfns']}, "
-                f"align {format_size(status['align'])}",
-                f"  blockdev: {status['blockdev'] or '-'}   allocated: {status['allocated_bytes']} bytes   "
-                f"badblock_count: {status['badblock_count']}",
-                f"  serving: {status['serving']['mode']} loop, {status['serving']['workers']} process(es), "
-                f"polls {status['serving'].get('spin_us', 0)} µs after a reply",
-                f"  mounts {status['mounts']}, unclean shutdowns {status['unclean_shutdowns']}, "
-                f"this start after a{'n unclean' if status['previous_shutdown'] == 'unclean' else ' clean'} shutdown",
-                "  reads {reads} ({read_bytes} B, {direct_reads} direct), writes {writes} ({write_bytes} B, "
-                "{direct_writes} direct), fsyncs {fsyncs}, errors {errors}".format(**counters),
-                "  pages: {referenced_pages} referenced, {pinned_pages} pinned, {holders} holder(s); "
-                "device reference {alive}".format(alive="alive" if registry["device_alive"] else "killed", **registry),
-                "  nr_foll_pin_acquired {nr_foll_pin_acquired}, nr_foll_pin_released {nr_foll_pin_released}, "
-                "get_page {nr_get_page}, put_page {nr_put_page}, "
-                "unbalanced {nr_unbalanced}, refused {nr_refused}".format(**registry),
-            ]
-            + (
-                [f"  stale references reset at mount: {status['stale_references']['pages']} page(s)"]
-                if status["stale_references"]["pages"]
-                else []
-            )
-        )
-    )
+    print(format_status(status))
     return None
 
 
+def format_status(status: dict) -> str:
+    """``.pmemfs/status`` as ``pmemfs status`` prints it (scripts/demo.py prints it too)."""
+    counters, registry = status["counters"], status["registry"]
+    return "\n".join(
+        [
+            f"{status['mountpoint']}: {status['mode']} map={status['map']} {format_size(status['size'])} "
+            f"(image {status['image']}, daemon pid {status['pid']})",
+            f"  uuid {status['uuid']}, dataoff {status['dataoff']}, npfns {status['npfns']}, "
+            f"align {format_size(status['align'])}",
+            f"  blockdev: {status['blockdev'] or '-'}   allocated: {status['allocated_bytes']} bytes   "
+            f"badblock_count: {status['badblock_count']}",
+            f"  serving: {status['serving']['mode']} loop, {status['serving']['workers']} process(es), "
+            f"polls {status['serving'].get('spin_us', 0)} µs after a reply",
+            f"  mounts {status['mounts']}, unclean shutdowns {status['unclean_shutdowns']}, "
+            f"this start after a{'n unclean' if status['previous_shutdown'] == 'unclean' else ' clean'} shutdown",
+            "  reads {reads} ({read_bytes} B, {direct_reads} direct), writes {writes} ({write_bytes} B, "
+            "{direct_writes} direct), fsyncs {fsyncs}, errors {errors}".format(**counters),
+            "  pages: {referenced_pages} referenced, {pinned_pages} pinned, {holders} holder(s); "
+            "device reference {alive}".format(alive="alive" if registry["device_alive"] else "killed", **registry),
+            "  nr_foll_pin_acquired {nr_foll_pin_acquired}, nr_foll_pin_released {nr_foll_pin_released}, "
+            "get_page {nr_get_page}, put_page {nr_put_page}, "
+            "unbalanced {nr_unbalanced}, refused {nr_refused}".format(**registry),
+        ]
+        + (
+            [f"  stale references reset at mount: {status['stale_references']['pages']} page(s)"]
+            if status["stale_references"]["pages"]
+            else []
+        )
+    )
+
+
 def cmd_zero(args: argparse.Namespace) -> str | None:
-    client.zero(args.mountpoint, args.offset, args.length, timeout_s=args.timeout)
+    Mount(args.mountpoint).zero(args.offset, args.length, timeout_s=args.timeout)
     return f"zeroed {args.length} bytes at offset {args.offset}"
 
 
 def cmd_inject_error(args: argparse.Namespace) -> str | None:
+    mount = Mount(args.mountpoint)
     if not args.status:
-        with client.PinSession(args.mountpoint) as session:
-            (session.uninject if args.uninject else session.inject)(args.block, args.count)
+        (mount.uninject_error if args.uninject else mount.inject_error)(args.block, args.count)
     # Like ndctl inject-error --status: the list, in 512-byte blocks of the data area.
-    _print_json({"badblocks": [{"block": s, "count": c} for s, c in client.read_badblocks(args.mountpoint)]})
+    _print_json({"badblocks": [{"block": s, "count": c} for s, c in mount.badblocks()]})
     return None
 
 
 def cmd_clear_errors(args: argparse.Namespace) -> str | None:
-    before = client.read_badblocks(args.mountpoint)
-    with client.PinSession(args.mountpoint) as session:
-        session.clear_errors()
-    return f"cleared {sum(c for _, c in before)} bad block(s) in {len(before)} range(s)"
+    cleared = Mount(args.mountpoint).clear_errors()
+    return f"cleared {sum(c for _, c in cleared)} bad block(s) in {len(cleared)} range(s)"
 
 
 def cmd_pages(args: argparse.Namespace) -> str | None:
-    pages = client.read_pages(args.mountpoint)
+    pages = Mount(args.mountpoint).pages()
     if args.json:
         _print_json(pages)
         return None
-    if not pages["ranges"]:
-        print("no page is referenced")
-    for r in pages["ranges"]:
-        end = r["pfn"] + r["npages"] - 1
-        print(
-            f"pages {r['pfn']}-{end} (offset {r['pfn'] * 4096}, {r['npages'] * 4096} bytes): "
-            f"refcount {r['refcount']}, {r['pins']} pin(s)"
-        )
-        for holder in r["holders"]:
-            print("    " + client.describe_holder(holder))
+    print("\n".join(client.format_pages(pages)))
     return None
 
 
 def cmd_trace(args: argparse.Namespace) -> str | None:
-    with contextlib.ExitStack() as stack:
-        if args.io:
-            # I/O transfers are traced only while someone asks: this session, until we exit.
-            stack.enter_context(client.PinSession(args.mountpoint)).trace_io(True)
-        return _print_trace(args)
+    mount = Mount(args.mountpoint)
+    # I/O transfers are traced only while someone asks: this command, until it exits.
+    with mount.tracing_io() if args.io else contextlib.nullcontext():
+        return _print_trace(mount, args.follow)
 
 
-def _print_trace(args: argparse.Namespace) -> str | None:
+def _print_trace(mount: Mount, follow: bool) -> str | None:
     # Each line starts with "<serving process>:<sequence>", unique while it stays in the ring.
     printed: set[str] = set()
     while True:
-        lines = client.read_control(args.mountpoint, "trace").splitlines()
+        lines = mount.trace()
         for line in lines:
             key = line.split(" ", 1)[0]
             if key not in printed:
                 print(line, flush=True)
         printed = {line.split(" ", 1)[0] for line in lines}
-        if not args.follow:
+        if not follow:
             return None
         time.sleep(0.2)
 
 
 def cmd_pin(args: argparse.Namespace) -> str | None:
     command = args.command_args
-    with client.PinSession(args.mountpoint) as session:
-        pin = session.pin(args.file, args.offset, args.length, longterm=args.longterm)
+    with Mount(args.mountpoint).pin(args.file, args.offset, args.length, longterm=args.longterm) as pin:
         print(
-            f"pinned {pin['file']} offset {pin['offset']} length {pin['length']} ({pin['kind']}, pin {pin['id']}, "
+            f"pinned {pin.file} offset {pin.offset} length {pin.length} ({pin.kind}, pin {pin.id}, "
             f"holder pid {os.getpid()})",
             flush=True,
         )

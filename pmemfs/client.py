@@ -12,6 +12,7 @@ import json
 import os
 import re
 import select
+import signal
 import stat
 import subprocess
 import sys
@@ -62,6 +63,16 @@ def fuse_mount_entry(mountpoint: str) -> str | None:
     return None
 
 
+def fuse_mounts_under(directory: str) -> list[str]:
+    """The FUSE mountpoints inside ``directory`` (itself included)."""
+    root = os.path.abspath(directory)
+    with open("/proc/mounts") as mounts:
+        targets = [(line.split()[1].replace("\\040", " "), line.split()[2]) for line in mounts]
+    return [
+        where for where, fstype in targets if fstype.startswith("fuse") and os.path.commonpath([root, where]) == root
+    ]
+
+
 def mount_is_dead(mountpoint: str) -> bool:
     # statfs always reaches the daemon; a stat could be answered from the kernel's attribute cache.
     try:
@@ -103,7 +114,7 @@ def _check_mountpoint(mountpoint: str) -> None:
         # The daemon of this mount died (kill -9, OOM): its image lock went with it, so clear
         # the stale mount the way `pmemfs umount` would and carry on.
         print(f"pmemfs: cleaning up a dead mount at {mountpoint}", file=sys.stderr)
-        _cleanup_dead_mount(mountpoint)
+        cleanup_dead_mount(mountpoint)
     if not os.path.isdir(mountpoint):
         raise MountError(f"mountpoint {mountpoint} is not a directory: create it first")
 
@@ -140,6 +151,16 @@ def start_daemon(
     image: str, mountpoint: str, *, log_path: str | None = None, debug: bool = False, daemon_args: tuple[str, ...] = ()
 ) -> int:
     """Start a background daemon and return its pid once the mount answers requests."""
+    return spawn_daemon(image, mountpoint, log_path=log_path, debug=debug, daemon_args=daemon_args).pid
+
+
+def spawn_daemon(
+    image: str, mountpoint: str, *, log_path: str | None = None, debug: bool = False, daemon_args: tuple[str, ...] = ()
+) -> subprocess.Popen[bytes]:
+    """Start a background daemon and return it once the mount answers requests.
+
+    A caller that lives on after the mount (the Python API) keeps the process to reap it.
+    """
     _check_mountpoint(mountpoint)
     default = log_path is None
     log_path = os.path.abspath(log_path or default_log_path(mountpoint))
@@ -165,14 +186,24 @@ def start_daemon(
         os.close(log_fd)
     os.close(write_end)
     try:
-        failure = _read_until_eof(read_end, daemon)
-    finally:
-        os.close(read_end)
-    if failure:
+        try:
+            failure = _read_until_eof(read_end, daemon)
+        finally:
+            os.close(read_end)
+        if failure:
+            daemon.wait()
+            raise MountError(failure)
+        wait_until_answering(mountpoint, daemon)
+    except BaseException:
+        # A daemon nobody will talk to (it failed, did not answer, or we were interrupted while it
+        # started) must not stay behind, nor a mount it made; its workers follow it (PR_SET_PDEATHSIG).
+        if daemon.poll() is None:
+            daemon.kill()
         daemon.wait()
-        raise MountError(failure)
-    wait_until_answering(mountpoint, daemon)
-    return daemon.pid
+        if fuse_mount_entry(mountpoint) and mount_is_dead(mountpoint):  # ours, now dead; never another's
+            cleanup_dead_mount(mountpoint)
+        raise
+    return daemon
 
 
 def _read_until_eof(fd: int, daemon: subprocess.Popen) -> str:
@@ -248,10 +279,47 @@ def detach_loops(mountpoint: str) -> list[str]:
     return devices
 
 
-def _cleanup_dead_mount(mountpoint: str) -> None:
+def cleanup_dead_mount(mountpoint: str) -> None:
     detach_loops(mountpoint)
     # Lazy: a dead FUSE mount cannot answer the requests a plain unmount would wait on.
     subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True)
+
+
+def daemon_processes(image: str, mountpoint: str) -> list[int]:
+    """The live processes serving ``image`` at ``mountpoint``: the daemon and the workers it forked,
+    found by their command line, which the workers share with their parent and keep if it dies."""
+    wanted = ["-m", "pmemfs.daemon", os.path.abspath(image), os.path.abspath(mountpoint)]
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if any(argv[i : i + len(wanted)] == wanted for i in range(len(argv))):
+            found.append(int(entry))
+    return sorted(found)
+
+
+def kill_daemon(image: str, mountpoint: str, pid: int | None = None, *, timeout_s: float = 10.0) -> list[int]:
+    """kill -9 every process serving ``image`` at ``mountpoint``, as a crash would, and wait until
+    they are gone; return their pids. The mount is left dead: see :func:`cleanup_dead_mount`."""
+    killed: set[int] = set()
+
+    def all_dead() -> bool:
+        # The parent first: once it is gone nothing forks another worker, so a scan after it is whole.
+        for victim in ([pid] if pid and not killed else []) + daemon_processes(image, mountpoint):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGKILL)
+            killed.add(victim)
+        return not any(process_alive(victim) for victim in killed)
+
+    if not poll_until(all_dead, timeout_s):
+        alive = sorted(victim for victim in killed if process_alive(victim))
+        raise PmemfsError(f"daemon processes {alive} of {mountpoint} did not die within {timeout_s:g} s of SIGKILL")
+    return sorted(killed)
 
 
 def open_files(mountpoint: str) -> int:
@@ -271,8 +339,8 @@ def processes_using_paths(targets: dict[str, str]) -> list[str]:
     if not targets:
         return found
     for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
+        if not entry.isdigit():
+            continue  # this process counts too: a program that mounted a region may hold its files
         uses: set[str] = set()
         try:
             for fd in os.listdir(f"/proc/{entry}/fd"):
@@ -467,13 +535,26 @@ def describe_holder(holder: dict) -> str:
     )
 
 
+def format_pages(pages: dict) -> list[str]:
+    """``.pmemfs/pages`` as ``pmemfs pages`` prints it: a line a referenced range, one a holder."""
+    lines = [] if pages["ranges"] else ["no page is referenced"]
+    for r in pages["ranges"]:
+        end = r["pfn"] + r["npages"] - 1
+        lines.append(
+            f"pages {r['pfn']}-{end} (offset {r['pfn'] * 4096}, {r['npages'] * 4096} bytes): "
+            f"refcount {r['refcount']}, {r['pins']} pin(s)"
+        )
+        lines += ["    " + describe_holder(holder) for holder in r["holders"]]
+    return lines
+
+
 def unmount(mountpoint: str, *, timeout_s: float = 30.0) -> str:
     """Detach loop devices, drain page references, unmount, and wait for the daemon to exit clean."""
     mountpoint = os.path.abspath(mountpoint)
     if not fuse_mount_entry(mountpoint):
         raise MountError(f"{mountpoint} is not mounted")
     if mount_is_dead(mountpoint):
-        _cleanup_dead_mount(mountpoint)
+        cleanup_dead_mount(mountpoint)
         return f"cleaned up {mountpoint}: its daemon had died (the next mount counts an unclean shutdown)"
     status = read_status(mountpoint)
     detach_loops(mountpoint)
