@@ -25,8 +25,8 @@ test: sysdeps $(STAMP)/venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)/venv
-	$(VENV)/bin/ruff check pmemfs tests scripts
-	$(VENV)/bin/ruff format --check pmemfs tests scripts
+	$(VENV)/bin/ruff check pmemfs tests scripts examples
+	$(VENV)/bin/ruff format --check pmemfs tests scripts examples
 	$(VENV)/bin/mypy pmemfs
 
 bench: sysdeps $(STAMP)/venv
