@@ -108,7 +108,8 @@ class RecordStore:
         """Take ``delta`` off [pfn, pfn + npages) if every page's refcount allows it; False (and
         nothing changed) for an unbalanced put. Unbacked records hold no reference (nor are read)."""
         first, last = pfn >> CHUNK_SHIFT, (pfn + npages - 1) >> CHUNK_SHIFT
-        if not self.backed[first : last + 1].all():
+        states = self.backed[first : last + 1]
+        if not states.all():
             return False
         if npages == 1:
             words = self.own_words(pfn)
@@ -117,7 +118,9 @@ class RecordStore:
                 words[pfn] -= delta
                 return True
             return False
-        if self.values(pfn, npages, self.column).min() >= delta or (self.values(pfn, npages) >= delta).all():
+        # This process's words, read in place when every record is in the image (the usual case).
+        mine = self._own[pfn : pfn + npages] if (states == IN_IMAGE).all() else self.values(pfn, npages, self.column)
+        if mine.min() >= delta or (self.values(pfn, npages) >= delta).all():
             self._apply(pfn, npages, -delta, first, last)
             return True
         return False
