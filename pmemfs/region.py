@@ -36,7 +36,7 @@ from .infoblock import (
 )
 from .ranges import runs
 from .records import chunks_for
-from .shared import SharedState
+from .shared import Lock, SharedState
 
 # A filesystem that cannot punch holes has the carve-out zeroed by reading it this much at a time.
 ZERO_SCAN_BYTES = 16 << 20
@@ -333,7 +333,8 @@ class Region:
     # full backing filesystem is an ENOSPC for the writer instead of a SIGBUS in the daemon, and a
     # 4 KiB write allocates 4 KiB. ``_known`` says which pages have their blocks: written, or seen
     # as data (SEEK_DATA). A data page's byte is set only by a transfer that holds a reference on
-    # it (or by the zero that holds its range); the carve-out's, under Lock.BACKING for a chunk
+    # it, by a read that holds the zero's lock (no zero can run), or by the zero that holds its
+    # range; the carve-out's, under Lock.BACKING for a chunk
     # nobody references yet. It is cleared before a punch, which no reference ever overlaps: zero
     # keeps transfers out of its range, the carve-out is reset when nothing serves. A transfer takes
     # its reference and then looks at the zero's gate, the zero closes the gate, runs membarrier and
@@ -365,13 +366,35 @@ class Region:
             data_at = end  # nothing but hole up to the end of the file
         if data_at >= end:
             return bytes(length)
-        if data_at == start and self._holes_visible and os.lseek(self.fd, start, os.SEEK_HOLE) >= end:
-            self._learn(start, end)
+        if data_at == start and self._holes_visible and self._learn_data_from(start, end):
             # Data nobody stored into in this mount is likely not in the page cache (an earlier
             # mount wrote it): read it in at once, not a page fault at a time (no readahead here).
             os.posix_fadvise(self.fd, start, length, os.POSIX_FADV_WILLNEED)
             return self._data_bytes[offset : offset + length]
         return os.pread(self.fd, length, start)
+
+    def _learn_data_from(self, start: int, end: int) -> bool:
+        """Whether [start, end), which begins with data, is data to its end; if so, learn it, and
+        the rest of its data extent when no zero can punch meanwhile.
+
+        SEEK_HOLE may cost a walk to the extent's end (tmpfs walks its page cache: milliseconds on a
+        large file), so what it tells is worth keeping beyond the request: one such read after a
+        mount learns the whole extent, where learning the request alone made every random 4 KiB
+        read of an unlearnt image pay that walk (0.5k IOPS on tmpfs). Beyond the request this
+        transfer holds no reference, so the learning happens under the zero's lock: no zero can
+        clear and punch those pages between the seek and the stores (a zero under way: learn the
+        request alone, which the transfer's reference protects)."""
+        zero_lock = self.shared.lock(Lock.ZEROING)
+        exclusive = not zero_lock.held_here and zero_lock.try_acquire()
+        try:
+            hole = os.lseek(self.fd, start, os.SEEK_HOLE)
+            if hole < end:
+                return False
+            self._learn(start, hole if exclusive else end)
+            return True
+        finally:
+            if exclusive:
+                zero_lock.release()
 
     def _learn(self, start: int, end: int) -> None:
         """Mark the pages wholly inside [start, end) of the image as having their blocks. Only whole

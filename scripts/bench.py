@@ -2,16 +2,21 @@
 """The project's benchmark: one fio matrix against pmemfs and references, side by side in one run.
 
 Every target runs the same jobs (direct=1, time based; the mmap jobs are loads and stores through a
-mapping, so buffered) in every pass. A pass sets each target up once and runs its jobs; odd passes
-visit the targets in reverse, so that a machine drifting during the run favours no column. The
-table shows the median of the passes:
+mapping, so buffered) in every pass. A pass sets each target up once and runs its jobs; each pass
+starts at the next target (the order rotates), so that a machine drifting during the run favours no
+column. Every FUSE daemon serves bytes on one private tmpfs (pmemfs's image included), so no column
+gains from where its bytes live. The table shows, per cell, the median of the passes and their
+spread (min-max), and each FUSE daemon's CPU per request next to its IOPS. A ratio to a reference
+is called met only when pmemfs's worst pass beats the reference's median, not met when its best
+pass does not, and otherwise the run cannot tell. The columns:
 - pmemfs in each serving mode, and its fast mode with the page registry off (4k jobs: what the
   registry's bookkeeping costs);
 - the Python floor: scripts/minimal_fs.py, the least a pyfuse3 + trio daemon does to serve a file;
 - libfuse's C passthrough_hp (built by scripts/build-passthrough-hp, skipped when it cannot be);
-- the host: the image file read directly (the host's disk), and a file on tmpfs (the kernel's
+- the host: a file on the host's disk read directly, and the file on the tmpfs (the kernel's
   limit for memory-backed storage).
-A second table gives each FUSE daemon's CPU time per request (all its processes, user + system).
+A second table gives each FUSE daemon's CPU time per request (all its processes, user + system),
+median and spread.
 Then the page registry alone (pin + unpin of ranges) and a 1 TiB image's mount time and daemon
 memory. Not a test: speed is measured here and written down in the README, never asserted.
 """
@@ -42,6 +47,7 @@ import trio
 
 from pmemfs.client import fuse_mount_entry
 from pmemfs.pages import RECORD_DTYPE, PageRegistry
+from pmemfs.sizes import parse_size
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PMEMFS = [sys.executable, "-m", "pmemfs"]
@@ -94,9 +100,11 @@ PMEMFS_MODES = [
 REGISTRY_OFF = ("pmemfs fast, registry off", ["--serve", "fast", "--no-references"])
 PYTHON_FLOOR = "python floor"
 PASSTHROUGH_HP = "passthrough_hp"
-HOST_IMAGE = "host: image file (disk)"
+HOST_DISK = "host: file on disk"
 HOST_TMPFS = "host: tmpfs file"
-HOST_MMAP_FILE = "host-mmap.data"
+HOST_DISK_FILE = "host-disk.data"
+DEFAULT_RUNTIME_S = 5.0
+DEFAULT_PASSES = 3  # fewer and a spread says nothing: every ratio is then "cannot tell"
 
 # The registry micro-benchmark's ranges, in 4 KiB pages: one page to 1 GiB.
 REGISTRY_RANGES = [1, 16, 256, 4096, 65536, 262144]
@@ -292,7 +300,7 @@ def work_directory(parent: str) -> Iterator[str]:
     try:
         yield workdir
     finally:
-        for name in ("bench.img", HOST_MMAP_FILE, "scale.img"):
+        for name in (HOST_DISK_FILE, "scale.img"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(workdir, name))
         os.rmdir(os.path.join(workdir, "mnt"))
@@ -317,36 +325,47 @@ def direct_4k(job: Job) -> bool:
 
 
 def columns(
-    workdir: str, image: str, host: Target, tmpfs_dir: str, passthrough_hp: str | None, where: Placement
+    workdir: str, image: str, disk: Target, shared_files: str, passthrough_hp: str | None, where: Placement
 ) -> list[Column]:
+    """Every column's target; the FUSE daemons all serve bytes on the private tmpfs (``image`` and
+    ``shared_files`` are on it), the host-disk column a file on the host's disk."""
+
     def pmemfs(mount_args: list[str]) -> Callable[[], contextlib.AbstractContextManager[Target]]:
         return lambda: pmemfs_target(workdir, image, mount_args, where)
 
     mountpoint = os.path.join(workdir, "mnt")
-    data = os.path.join(tmpfs_dir, "data")
+    data = os.path.join(shared_files, "data")
     result = [Column(name, pmemfs(args), every_job) for name, args in PMEMFS_MODES]
     result.append(Column(REGISTRY_OFF[0], pmemfs(REGISTRY_OFF[1]), direct_4k))
     floor = [*where.daemon, *MINIMAL_FS, data, mountpoint]
-    result.append(Column(PYTHON_FLOOR, lambda: daemon_target(floor, mountpoint, "data", host.size), every_job))
+    result.append(Column(PYTHON_FLOOR, lambda: daemon_target(floor, mountpoint, "data", disk.size), every_job))
     if passthrough_hp:
         # Its defaults: splice, attribute and writeback caching, a thread pool. O_DIRECT requests
         # still reach the daemon (the cache options only keep buffered pages across opens).
-        c_daemon = [*where.daemon, passthrough_hp, "--foreground", tmpfs_dir, mountpoint]
-        result.append(Column(PASSTHROUGH_HP, lambda: daemon_target(c_daemon, mountpoint, "data", host.size), every_job))
-    result.append(Column(HOST_IMAGE, lambda: host_target(host), every_job))
-    result.append(Column(HOST_TMPFS, lambda: host_target(Target(data, 0, host.size)), every_job))
+        c_daemon = [*where.daemon, passthrough_hp, "--foreground", shared_files, mountpoint]
+        result.append(Column(PASSTHROUGH_HP, lambda: daemon_target(c_daemon, mountpoint, "data", disk.size), every_job))
+    result.append(Column(HOST_DISK, lambda: host_target(disk), every_job))
+    result.append(Column(HOST_TMPFS, lambda: host_target(Target(data, 0, disk.size)), every_job))
     return result
 
 
-def run_matrix(all_columns: list[Column], passes: int, runtime_s: float, where: Placement, started: float) -> dict:
-    results: dict[str, dict[str, list[dict[str, float]]]] = {}
+Passes = dict[str, dict[str, list[dict[str, float]]]]  # job -> column -> one result per pass
+
+
+def run_matrix(all_columns: list[Column], passes: int, runtime_s: float, where: Placement, started: float) -> Passes:
+    results: Passes = {}
     for pass_no in range(passes):
-        for column in all_columns if pass_no % 2 == 0 else all_columns[::-1]:
+        first = pass_no % len(all_columns)
+        for column in all_columns[first:] + all_columns[:first]:
             with column.setup() as target:
                 for job in filter(column.runs, JOBS):
                     result = run_fio(target, job, runtime_s, where)
                     results.setdefault(job.name, {}).setdefault(column.name, []).append(result)
         print(f"pass {pass_no + 1}/{passes} done ({time.monotonic() - started:.0f} s)", file=sys.stderr)
+    return results
+
+
+def medians_of(results: Passes) -> dict[str, dict[str, dict[str, float]]]:
     return {
         job: {
             name: {k: statistics.median(r[k] for r in runs) for k in runs[0] if all(k in r for r in runs)}
@@ -356,34 +375,78 @@ def run_matrix(all_columns: list[Column], passes: int, runtime_s: float, where: 
     }
 
 
-def print_table(medians: dict, names: list[str]) -> None:
+def verdict(ours: list[float], reference: list[float]) -> str:
+    """Whether ours beats the reference in this run: met only when our worst pass beats the
+    reference's median, not met when our best does not, else the run cannot tell."""
+    if min(len(ours), len(reference)) < DEFAULT_PASSES:
+        return "cannot tell"
+    median = statistics.median(reference)
+    if min(ours) > median:
+        return "met"
+    if max(ours) < median:
+        return "not met"
+    return "cannot tell"
+
+
+def print_table(results: Passes, names: list[str]) -> None:
     pmemfs_names = [name for name, _ in PMEMFS_MODES]
     references = [ref for ref in (PASSTHROUGH_HP, PYTHON_FLOOR) if ref in names]
     ratios = [(ours, ref) for ref in references for ours in pmemfs_names]
-    header = names + [f"{_short(ours)} / {ref}" for ours, ref in ratios] + ["registry overhead"]
+    header = names + [f"{_short(ours)} / {ref}" for ours, ref in ratios] + ["registry cost (IOPS, CPU/request)"]
     print("| job | " + " | ".join(header) + " |")
     print("|---" * (len(header) + 1) + "|")
     for job in JOBS:
-        row = medians[job.name]
-        cells = [job.name] + [_fmt(job, row[name]) if name in row else "" for name in names]
-        cells += [f"{row[ours]['iops'] / row[ref]['iops']:.2f}x" for ours, ref in ratios]
-        fast, off = row[pmemfs_names[0]], row.get(REGISTRY_OFF[0])
-        cells.append(f"{(1 - fast['iops'] / off['iops']) * 100:+.1f} %" if off else "")
+        row = results[job.name]
+        cells = [job.name] + [_cell(job, row[name]) if name in row else "" for name in names]
+        for ours, ref in ratios:
+            mine, theirs = _values(row[ours], "iops"), _values(row[ref], "iops")
+            ratio = statistics.median(mine) / statistics.median(theirs)
+            cells.append(f"{ratio:.2f}x {verdict(mine, theirs)}")
+        on, off = row[pmemfs_names[0]], row.get(REGISTRY_OFF[0])
+        cells.append(_registry_cost(on, off) if off else "")
         print("| " + " | ".join(cells) + " |")
 
 
-def print_daemon_cpu(medians: dict, names: list[str]) -> None:
+def print_daemon_cpu(results: Passes, names: list[str]) -> None:
     """What each FUSE daemon spent per request: where a column's speed goes, without a profiler."""
-    names = [name for name in names if any("daemon_us_per_io" in medians[job.name].get(name, {}) for job in JOBS)]
-    print("\nDaemon CPU per request, µs (user + system time of every daemon process over the measured run)\n")
+    names = [
+        name for name in names if any(_values(results[job.name].get(name, []), "daemon_us_per_io") for job in JOBS)
+    ]
+    print("\nDaemon CPU per request, µs, median (min-max) of the passes (user + system time of every daemon process)\n")
     print("| job | " + " | ".join(names) + " |")
     print("|---" * (len(names) + 1) + "|")
     for job in JOBS:
-        row = medians[job.name]
-        cells = [
-            f"{row[name]['daemon_us_per_io']:.1f}" if "daemon_us_per_io" in row.get(name, {}) else "" for name in names
-        ]
+        row = results[job.name]
+        cells = [_spread(_values(row.get(name, []), "daemon_us_per_io"), "{:.1f}") for name in names]
         print(f"| {job.name} | " + " | ".join(cells) + " |")
+
+
+def _values(runs: list[dict[str, float]], key: str) -> list[float]:
+    return [run[key] for run in runs if key in run]
+
+
+def _spread(values: list[float], fmt: str) -> str:
+    if not values:
+        return ""
+    median = fmt.format(statistics.median(values))
+    return f"{median} ({fmt.format(min(values))}-{fmt.format(max(values))})" if len(values) > 1 else median
+
+
+def _cell(job: Job, runs: list[dict[str, float]]) -> str:
+    """Median (min-max) of the passes, and for a FUSE daemon its median CPU per request."""
+    if job.bs == "4k":
+        cell = _spread([r["iops"] / 1000 for r in runs], "{:.1f}") + "k IOPS"
+    else:
+        cell = _spread([r["bw_bytes"] / 1e9 for r in runs], "{:.2f}") + " GB/s"
+    cpu = _values(runs, "daemon_us_per_io")
+    return cell + (f", {statistics.median(cpu):.1f} µs" if cpu else "")
+
+
+def _registry_cost(on: list[dict[str, float]], off: list[dict[str, float]]) -> str:
+    iops = 1 - statistics.median(_values(on, "iops")) / statistics.median(_values(off, "iops"))
+    cpu_on, cpu_off = _values(on, "daemon_us_per_io"), _values(off, "daemon_us_per_io")
+    cpu = f", {statistics.median(cpu_on) - statistics.median(cpu_off):+.2f} µs" if cpu_on and cpu_off else ""
+    return f"{iops * 100:+.1f} %{cpu}"
 
 
 def _short(name: str) -> str:
@@ -511,8 +574,12 @@ def machine_info(where: Placement) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="1G", help="image size (default 1G)")
-    parser.add_argument("--runtime", type=float, default=1.0, help="seconds per job and pass, after a 0.5 s ramp")
-    parser.add_argument("--passes", type=int, default=2)
+    parser.add_argument(
+        "--runtime", type=float, default=DEFAULT_RUNTIME_S, help="seconds per job and pass, after a 0.5 s ramp"
+    )
+    parser.add_argument(
+        "--passes", type=int, default=DEFAULT_PASSES, help=f"passes (default and least for a verdict: {DEFAULT_PASSES})"
+    )
     parser.add_argument("--pin", action="store_true", help="fio on CPU 0, every daemon on CPU 1 (default: unpinned)")
     parser.add_argument("--scale-size", default="1T", help="image size for the scale run (default 1T)")
     parser.add_argument("--registry-repetitions", type=int, default=101)
@@ -533,20 +600,22 @@ def main() -> int:
     os.makedirs(args.dir, exist_ok=True)
     with contextlib.ExitStack() as cleanup:
         workdir = cleanup.enter_context(work_directory(args.dir))
-        image = os.path.join(workdir, "bench.img")
+        image_size = parse_size(args.size)
+        # Room for pmemfs's image and the other daemons' file of the same size, with slack.
+        tmpfs_dir = cleanup.enter_context(private_tmpfs(workdir, 2 * image_size))
+        image_dir, shared_files = os.path.join(tmpfs_dir, "pmemfs"), os.path.join(tmpfs_dir, "files")
+        os.mkdir(image_dir)
+        os.mkdir(shared_files)
+        image = os.path.join(image_dir, "bench.img")
         created = json.loads(pmemfs("create", image, "--size", args.size))
-        # The host column reads the image file with O_DIRECT, so it measures the host's disk; pmemfs
-        # serves the same bytes from its shared mapping (the page cache). Its mmap jobs run on a plain
-        # file beside the image: fio's mmap engine would store into the image's header (see run_fio).
-        beside = Target(os.path.join(workdir, HOST_MMAP_FILE), 0, created["size"])
-        host = Target(image, created["dataoff"], created["size"], beside)
-        tmpfs_dir = cleanup.enter_context(private_tmpfs(workdir, host.size))
-        for target in (beside, Target(os.path.join(tmpfs_dir, "data"), 0, host.size)):
+        data_size = created["size"]
+        disk = Target(os.path.join(workdir, HOST_DISK_FILE), 0, data_size)
+        for target in (disk, Target(os.path.join(shared_files, "data"), 0, data_size)):
             prefill(target.filename, target.offset, target.size)
         with pmemfs_target(workdir, image, [], where) as target:
             prefill(target.filename, target.offset, target.size)
-        all_columns = columns(workdir, image, host, tmpfs_dir, passthrough_hp, where)
-        medians = run_matrix(all_columns, args.passes, args.runtime, where, started)
+        all_columns = columns(workdir, image, disk, shared_files, passthrough_hp, where)
+        results = run_matrix(all_columns, args.passes, args.runtime, where, started)
     registry = registry_microbench(args.registry_repetitions)
     with work_directory(args.dir) as workdir:
         scale = scale_run(workdir, args.scale_size, where)
@@ -555,16 +624,18 @@ def main() -> int:
     machine = machine_info(where)
     notes.append(
         "mmap jobs are buffered loads and stores through a MAP_SHARED mapping: pmemfs columns map dax0, "
-        f"'{HOST_IMAGE}' a plain file of the same size beside the image (fio's mmap engine ignores --offset "
-        "and would store into the image's header), every other column the same file as its other jobs"
+        "every other column the same file as its other jobs"
     )
+    if args.passes < DEFAULT_PASSES:
+        notes.append(f"{args.passes} pass(es): too few for a spread, so no ratio can be called met")
     print(
-        f"\nfio direct=1, {args.size} image ({_size(host.size)} served by every target), {args.runtime:g} s per job "
-        f"after a {RAMP_S:g} s ramp, median of {args.passes} passes; {machine['cpus']} CPUs {machine['cpu_model']}, "
+        f"\nfio direct=1, {args.size} image ({_size(data_size)} served by every target, every FUSE daemon's bytes "
+        f"on one tmpfs), {args.runtime:g} s per job after a {RAMP_S:g} s ramp, median (min-max) of {args.passes} "
+        f"passes in rotating order; {machine['cpus']} CPUs {machine['cpu_model']}, "
         f"kernel {machine['kernel']}, libfuse {machine['libfuse']}, pyfuse3 {machine['pyfuse3']}; {where.description}\n"
     )
-    print_table(medians, [column.name for column in all_columns])
-    print_daemon_cpu(medians, [column.name for column in all_columns])
+    print_table(results, [column.name for column in all_columns])
+    print_daemon_cpu(results, [column.name for column in all_columns])
     print()
     for note in notes:
         print(f"Note: {note}.")
@@ -577,12 +648,13 @@ def main() -> int:
                 {
                     "machine": machine,
                     "size": args.size,
-                    "served_bytes": host.size,
+                    "served_bytes": data_size,
                     "runtime_s": args.runtime,
                     "ramp_s": RAMP_S,
                     "passes": args.passes,
                     "notes": notes,
-                    "results": medians,
+                    "results": medians_of(results),
+                    "passes_results": results,
                     "registry": registry,
                     "scale": scale,
                     "elapsed_s": elapsed_s,

@@ -425,3 +425,37 @@ def test_whether_a_filesystem_tells_holes_from_data_is_probed(tmp_path) -> None:
 
     assert seek_reports_holes(str(tmp_path))
     assert not seek_reports_holes("/proc")  # no file can be made there: assume the worst
+
+
+
+def test_a_read_learns_the_whole_data_extent_unless_a_zero_may_punch(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """After a remount nothing is known: the first read of written data learns its whole extent
+    (one SEEK_HOLE, which walks the page cache on tmpfs, instead of one per page), but only when no
+    zero can punch meanwhile; while another process zeroes, only the pages the read references."""
+    from pmemfs.shared import Lock
+
+    path = create_image(tmp_path / "x.img", "64M")
+    with open_region(path) as region:
+        region.write(0, b"d" * (256 * PAGE_SIZE))
+    with open_region(path) as region:
+        first = region.geometry.dataoff // PAGE_SIZE
+        assert not region._known[first : first + 256].any()
+        held_r, held_w = os.pipe()
+        go_r, go_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                region.shared.lock(Lock.ZEROING).acquire()  # a zero under way in another serving process
+                os.write(held_w, b"x")
+                os.read(go_r, 1)
+            finally:
+                os._exit(0)
+        try:
+            os.read(held_r, 1)
+            assert region.read(PAGE_SIZE, PAGE_SIZE) == b"d" * PAGE_SIZE
+        finally:
+            os.write(go_w, b"x")
+            os.waitpid(pid, 0)
+        assert region._known[first : first + 256].tolist() == [0, 1] + [0] * 254
+        assert region.read(0, PAGE_SIZE) == b"d" * PAGE_SIZE
+        assert region._known[first : first + 256].all()
