@@ -120,6 +120,22 @@ def mounted(image: str, mountpoint: str, *extra: str) -> Iterator[Mount]:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def daemon_logs_in_the_session_directory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Daemons started without --log write to $TMPDIR/pmemfs-<mountpoint>.log: keep the thousands
+    a run makes in pytest's own temporary directory (which pytest prunes), not in /tmp."""
+    tmpdir = str(tmp_path_factory.mktemp("tmpdir"))
+    previous = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = tmpdir
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = previous
+
+
+@pytest.fixture(scope="session", autouse=True)
 def sweep_stale_mounts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Nothing a test run mounts outlives it, even when a test failed half-way."""
     base = str(tmp_path_factory.getbasetemp())
