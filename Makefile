@@ -15,7 +15,7 @@ sysdeps:
 $(STAMP)/venv: pyproject.toml | sysdeps
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[test,lint]'
+	$(VENV)/bin/pip install --quiet -e '.[test,lint,plot]'
 	@mkdir -p $(STAMP) && touch $@
 
 run: sysdeps $(STAMP)/venv
