@@ -244,14 +244,13 @@ def cmd_trace(args: argparse.Namespace) -> str | None:
 
 def _write_perfetto(mount: Mount, path: str) -> str:
     from .views import perfetto
-    from .views.top import command_name
 
     read = mount.trace_events()
     trace = perfetto.to_chrome_trace(
         read["events"],
         read["now_ns"],
         mountpoint=mount.mountpoint,
-        process_name=lambda pid: f"pid {pid} ({command_name(pid)})",
+        process_name=lambda pid: f"pid {pid} ({client.command_name(pid)})",
     )
     problems = perfetto.validate(trace)
     if problems:  # a bug of the converter: say so rather than hand Perfetto a file it misreads

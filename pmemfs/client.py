@@ -503,9 +503,9 @@ def zero(
     """Bulk-zero a range, waiting (polling, like dax_layout_busy_page) while pages in it are referenced."""
     with PinSession(mountpoint) as session:
         what = f"zeroing {length} bytes at offset {offset}"
+        progress(what)
 
         def zeroed() -> bool:
-            progress(what)
             try:
                 session.zero(offset, length)
             except PmemfsError as err:
@@ -513,8 +513,8 @@ def zero(
                     raise
                 busy = first_busy(mountpoint, offset, length)
                 if busy:
-                    holder = f": {describe_holder(oldest(busy[1]))}" if busy[1] else ""
-                    progress(f"{what}: waiting for page {busy[0]}, which is busy{holder}")
+                    holder = f": {holder_summary(oldest(busy[1]))}" if busy[1] else ""
+                    progress(f"waiting for busy page {busy[0]}{holder}")
                 return False
             return True
 
@@ -557,8 +557,8 @@ def drain_references(
         if left:
             first[:] = first or [left]
             holders = read_pages(mountpoint)["holders"]
-            who = f"; oldest: {describe_holder(oldest(holders))}" if holders else ""
-            progress(f"waiting for {left} referenced page(s) to drain{who}", first[0] - left, first[0])
+            who = f"; oldest: {holder_summary(oldest(holders))}" if holders else ""
+            progress(f"{left} referenced page(s) to drain{who}", first[0] - left, first[0])
         return left == 0
 
     if poll_until(drained, timeout_s, POLL_INTERVAL_S * 5):
@@ -569,6 +569,23 @@ def drain_references(
 def oldest(holders: list[dict]) -> dict:
     """The holder that has held its reference longest: the one an unmount waits on."""
     return max(holders, key=lambda h: h["age_s"])
+
+
+def command_name(pid: int) -> str:
+    """A process's command name (``comm``), or "gone" if it has exited."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "gone"
+
+
+def holder_summary(holder: dict) -> str:
+    """A holder in a few words, for a progress line: who (pid and command), what, where, for how long."""
+    return (
+        f"pid {holder['pid']} ({command_name(holder['pid'])}) {holder['kind']} on {holder['file']} "
+        f"{holder['offset']}+{holder['length']}, {holder['age_s']:.1f} s"
+    )
 
 
 def describe_holder(holder: dict) -> str:

@@ -62,7 +62,7 @@ class _Bar:
         self.progress = Progress(
             SpinnerColumn(),
             TextColumn("[bold]{task.fields[what]}[/bold] {task.description}"),
-            BarColumn(),
+            BarColumn(bar_width=20),
             TaskProgressColumn(),
             TimeElapsedColumn(),
             console=Console(file=stream),

@@ -21,6 +21,7 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from ..client import command_name
 from ..mount import Mount
 from ..sizes import format_size
 
@@ -57,14 +58,6 @@ def serving_processes(daemon_pid: int) -> list[int]:
         with open(f"/proc/{daemon_pid}/task/{daemon_pid}/children") as f:
             return found + sorted(int(pid) for pid in f.read().split())
     return found
-
-
-def command_name(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return "(gone)"
 
 
 def take_sample(mount: Mount) -> Sample:
