@@ -69,7 +69,7 @@ def test_top_once_shows_the_counters_a_fio_run_produced_and_the_oldest_holder(mo
         command = f.read().strip()
     holder = rows[str(os.getpid())]  # pid, command, file, offset, length, pages, kind, age
     assert holder[1:7] == [command, "dax0", str(8 * MiB), "2M", "2048-2559", "longterm"], result.stdout
-    assert rows["long-term pins"][1] == "1" and rows["pins in flight"][1] == "1", result.stdout
+    assert rows["long-term pins"][1] == "1" and rows["pins in flight"][1] == "512 pages", result.stdout
     assert re.search(r"Serving processes \(fast loop", result.stdout) and "daemon" in result.stdout
 
 

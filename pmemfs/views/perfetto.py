@@ -83,7 +83,8 @@ def slices(events: list[dict], now_ns: int) -> list[Slice]:
                 if waiting
                 else _reference(CLOSES[what], event, start_ns, now_ns, begun="before the trace's first event")
             )
-            ref.end_ns = event["time_ns"]
+            # Events carry wall-clock time, which may step back: a slice never ends before it begins.
+            ref.end_ns = max(event["time_ns"], ref.start_ns)
             if event["note"]:
                 ref.args["end"] = event["note"]
             done.append(ref)

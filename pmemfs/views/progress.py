@@ -9,6 +9,7 @@ how it is shown; :func:`open_progress` makes one. Nothing is shown for work that
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 import threading
 import time
@@ -82,6 +83,8 @@ class _Bar:
                 self._started = True
 
     def __call__(self, text: str, done: float | None = None, total: float | None = None) -> None:
+        if total:  # the bar says how far: a percentage in the text would say it twice
+            text = re.sub(r":? \d+%$", "", text)
         self.progress.update(self.task, description=text, completed=done or 0, total=total)
 
     def close(self) -> None:

@@ -53,11 +53,16 @@ def _proc_stat(pid: int) -> list[str] | None:
 
 def serving_processes(daemon_pid: int) -> list[int]:
     """The daemon and the serving processes it forked (its children)."""
-    found = [daemon_pid]
     with contextlib.suppress(OSError):
         with open(f"/proc/{daemon_pid}/task/{daemon_pid}/children") as f:
-            return found + sorted(int(pid) for pid in f.read().split())
-    return found
+            return [daemon_pid, *sorted(int(pid) for pid in f.read().split())]
+    # A kernel without CONFIG_PROC_CHILDREN: look for them.
+    children = []
+    for entry in os.listdir("/proc"):
+        fields = _proc_stat(int(entry)) if entry.isdigit() else None
+        if fields and int(fields[1]) == daemon_pid:
+            children.append(int(entry))
+    return [daemon_pid, *sorted(children)]
 
 
 def take_sample(mount: Mount) -> Sample:
@@ -128,18 +133,18 @@ def pins_table(before: Sample | None, after: Sample) -> Table:
     table.add_column("value", justify="right")
     table.add_column("what")
     table.add_column("value", justify="right")
+    # In flight as /proc/vmstat counts it: pages pinned and not yet released, transfers included.
     table.add_row(
-        "pins in flight", f"{sum(1 for h in holders if h['kind'] != 'get'):,}",
-        "pinned pages", f"{registry['pinned_pages']:,}",
+        "pins in flight", f"{c['nr_foll_pin_acquired'] - c['nr_foll_pin_released']:,} pages",
+        "pages pinned/s", _per_s(_rate(before, after, "nr_foll_pin_acquired")),
     )  # fmt: skip
     table.add_row(
         "long-term pins", f"{len(longterm):,}",
         "long-term pinned", format_size(sum(h["length"] for h in longterm)),
     )  # fmt: skip
-    table.add_row("referenced pages", f"{registry['referenced_pages']:,}", "holders", f"{len(holders):,}")
     table.add_row(
-        "pins/s", _per_s(_rate(before, after, "nr_foll_pin_acquired")),
-        "pin acquired-released", f"{c['nr_foll_pin_acquired'] - c['nr_foll_pin_released']:,} pages",
+        "pin holders", f"{sum(1 for h in holders if h['kind'] != 'get'):,}",
+        "referenced pages", f"{registry['referenced_pages']:,}",
     )  # fmt: skip
     unbalanced, refused = c["nr_unbalanced"], c["nr_refused"]
     table.add_row(
@@ -244,7 +249,8 @@ def run(mount: Mount, *, interval_s: float = 1.0, once: bool = False) -> None:
         return
     from rich.live import Live
 
-    with _keys() as wait, Live(frame(None, before), console=console, auto_refresh=False, screen=False) as live:
+    # The alternate screen, as htop: the terminal is as it was when top is left.
+    with _keys() as wait, Live(frame(None, before), console=console, auto_refresh=False, screen=True) as live:
         deadline = time.monotonic() + interval_s
         while True:
             key = wait(max(0.0, deadline - time.monotonic()))
