@@ -273,3 +273,45 @@ def test_top_draws_rates_totals_pins_and_holders_from_two_samples() -> None:
     assert "400" in lines["pmem0 buffered"] and "1,100" in lines["pmem0 buffered"]  # (2700-1500)-(1000)/2
     assert "100" in lines["dax0"] and "0.4 MB/s" in lines["dax0"]
     assert "rdma-app" in text and "longterm" in text and "12.5 s" in text and "50 %" in text
+
+
+def test_without_matplotlib_the_heatmap_says_how_to_get_it(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import sys
+
+    from pmemfs.errors import PmemfsError
+    from pmemfs.views.heatmap import draw
+
+    # What the imports find when matplotlib is not installed (None in sys.modules is an ImportError).
+    for name in [name for name in sys.modules if name.startswith("matplotlib.")] + ["matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)
+    layout = Layout.for_device(1000)
+    with pytest.raises(PmemfsError, match=r"pip install 'pmemfs\[plot\]'"):
+        draw(str(tmp_path / "x.png"), np.zeros((layout.rows, layout.columns), np.uint8),
+             np.zeros((layout.rows, layout.columns), bool), layout, title="")  # fmt: skip
+
+
+def test_a_mount_hears_the_daemons_progress_as_done_and_total() -> None:
+    from pmemfs import client
+
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"progress resetting the registry records of the daemon that died: 40%\nprogress other\n")
+    os.close(write_end)
+    heard = []
+    try:
+        failure = client._read_until_eof(read_end, None, lambda *args: heard.append(args))  # type: ignore[arg-type]
+    finally:
+        os.close(read_end)
+    assert failure == ""
+    assert heard == [("resetting the registry records of the daemon that died: 40%", 40, 100), ("other", None, None)]
+
+
+def test_check_tells_progress_of_each_invariant(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from conftest import create_image
+
+    from pmemfs.check import check_image
+
+    heard: list[tuple[object, ...]] = []
+    image = create_image(tmp_path / "pmem.img", "16M")
+    assert check_image(image, progress=lambda *args: heard.append(args)).ok
+    assert [done for _, done, _ in heard] == list(range(6)) and {total for _, _, total in heard} == {6}
+    assert heard[1][0] == f"{image}: header"

@@ -141,7 +141,10 @@ def pin_held(mount: Mount, seconds: float) -> Iterator[subprocess.Popen[str]]:
         assert holder.stdout is not None and holder.stdout.readline().startswith("pinned")
         killer = threading.Timer(seconds, holder.send_signal, [signal.SIGKILL])
         killer.start()
-        yield holder
+        try:
+            yield holder
+        finally:
+            killer.cancel()
     finally:
         holder.kill()
         holder.wait()
