@@ -59,18 +59,18 @@ def test_top_once_shows_the_counters_a_fio_run_produced_and_the_oldest_holder(mo
         result = pmemfs("top", mount.mountpoint, "--once", "--interval", "0.2")
     rows = top_rows(result.stdout)
     # file, reads/s, writes/s, read, write, reads, writes, read bytes, written
-    assert rows["pmem0 direct"][5:] == ["0", "1,024", "0", "4M"], result.stdout
-    assert rows["pmem0 buffered"][5:] == ["0", "0", "0", "0"], result.stdout
+    assert rows["pmem0 direct"][5:] == ["0", "1,024", "0 B", "4.0 MiB"], result.stdout
+    assert rows["pmem0 buffered"][5:] == ["0", "0", "0 B", "0 B"], result.stdout
     dax0_reads, dax0_read_bytes = int(rows["dax0"][5].replace(",", "")), rows["dax0"][7]
-    assert dax0_reads > 0 and dax0_read_bytes.endswith(("M", "K")) and rows["dax0"][6] == "0", result.stdout
+    assert dax0_reads > 0 and dax0_read_bytes.endswith(("MiB", "KiB")) and rows["dax0"][6] == "0", result.stdout
     assert read["io_bytes"] == MiB
     assert rows["all"][6] == "1,024", result.stdout
     with open(f"/proc/{os.getpid()}/comm") as f:
         command = f.read().strip()
     holder = rows[str(os.getpid())]  # pid, command, file, offset, length, pages, kind, age
-    assert holder[1:7] == [command, "dax0", str(8 * MiB), "2M", "2048-2559", "longterm"], result.stdout
+    assert holder[1:7] == [command, "dax0", str(8 * MiB), "2.0 MiB", "2048-2559", "longterm"], result.stdout
     assert rows["long-term pins"][1] == "1" and rows["pins in flight"][1] == "512 pages", result.stdout
-    assert re.search(r"Serving processes \(fast loop", result.stdout) and "daemon" in result.stdout
+    assert "fast loop" in result.stdout and "daemon" in result.stdout
 
 
 def test_the_heatmap_colours_the_cells_of_the_pins_and_no_others(mount: Mount, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -27,6 +27,7 @@ from ..sizes import format_size
 
 HOLDERS_SHOWN = 8
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 
 
 @dataclass
@@ -37,6 +38,7 @@ class Sample:
     status: dict
     pages: dict
     cpu_ticks: dict[int, int] = field(default_factory=dict)  # serving process pid: utime + stime
+    rss: dict[int, int] = field(default_factory=dict)  # serving process pid: resident bytes
 
     @property
     def counters(self) -> dict[str, int]:
@@ -67,18 +69,27 @@ def serving_processes(daemon_pid: int) -> list[int]:
 
 def take_sample(mount: Mount) -> Sample:
     status = mount.status()
-    cpu = {}
+    cpu, rss = {}, {}
     for pid in serving_processes(int(status["pid"])):
         fields = _proc_stat(pid)
         if fields:
             cpu[pid] = int(fields[11]) + int(fields[12])  # utime, stime
-    return Sample(time.monotonic(), status, mount.pages(), cpu)
+            rss[pid] = int(fields[21]) * PAGE_BYTES
+    return Sample(time.monotonic(), status, mount.pages(), cpu, rss)
 
 
 def _rate(before: Sample | None, after: Sample, name: str) -> float | None:
     if before is None or after.time_s <= before.time_s:
         return None
     return (after.counters.get(name, 0) - before.counters.get(name, 0)) / (after.time_s - before.time_s)
+
+
+def human_size(size_bytes: float) -> str:
+    """Bytes as people read them at a glance: 4.0 MiB, 12.3 GiB."""
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if size_bytes >= 1 << shift:
+            return f"{size_bytes / (1 << shift):.1f} {unit}"
+    return f"{size_bytes:.0f} B"
 
 
 def _per_s(value: float | None) -> str:
@@ -119,7 +130,7 @@ def io_table(before: Sample | None, after: Sample) -> Table:
         rates, totals = values(names, minus)
         table.add_row(
             label, _per_s(rates[0]), _per_s(rates[1]), _bandwidth(rates[2]), _bandwidth(rates[3]),
-            f"{totals[0]:,}", f"{totals[1]:,}", format_size(totals[2]), format_size(totals[3]),
+            f"{totals[0]:,}", f"{totals[1]:,}", human_size(totals[2]), human_size(totals[3]),
         )  # fmt: skip
     return table
 
@@ -140,7 +151,7 @@ def pins_table(before: Sample | None, after: Sample) -> Table:
     )  # fmt: skip
     table.add_row(
         "long-term pins", f"{len(longterm):,}",
-        "long-term pinned", format_size(sum(h["length"] for h in longterm)),
+        "long-term pinned", human_size(sum(h["length"] for h in longterm)),
     )  # fmt: skip
     table.add_row(
         "pin holders", f"{sum(1 for h in holders if h['kind'] != 'get'):,}",
@@ -172,7 +183,7 @@ def holders_table(after: Sample, names: Callable[[int], str] = command_name) -> 
     for h in holders[:HOLDERS_SHOWN]:
         style = "red" if h["kind"] == "longterm" else "yellow" if h["kind"] == "pin" else ""
         table.add_row(
-            str(h["pid"]), names(h["pid"]), h["file"], str(h["offset"]), format_size(h["length"]),
+            str(h["pid"]), names(h["pid"]), h["file"], str(h["offset"]), human_size(h["length"]),
             f"{h['pfn']}-{h['pfn'] + h['npages'] - 1}", Text(h["kind"], style=style), f"{h['age_s']:.1f} s",
         )  # fmt: skip
     if len(holders) > HOLDERS_SHOWN:
@@ -182,12 +193,9 @@ def holders_table(after: Sample, names: Callable[[int], str] = command_name) -> 
 
 def serving_table(before: Sample | None, after: Sample) -> Table:
     serving = after.status["serving"]
-    table = Table(
-        title=f"Serving processes ({serving['mode']} loop, {serving['workers']} worker(s))",
-        title_justify="left",
-        expand=False,
-    )
-    for column in ("pid", "role", "CPU"):
+    table = Table(title="Serving processes", title_justify="left", expand=False)
+    table.caption = f"{serving['mode']} loop, {serving['workers']} worker(s)"
+    for column in ("pid", "role", "CPU", "RSS"):
         table.add_column(column, justify="left" if column == "role" else "right")
     daemon_pid = int(after.status["pid"])
     for pid, ticks in after.cpu_ticks.items():
@@ -195,7 +203,7 @@ def serving_table(before: Sample | None, after: Sample) -> Table:
         if before is not None and pid in before.cpu_ticks and after.time_s > before.time_s:
             used = (ticks - before.cpu_ticks[pid]) / CLOCK_TICKS
             cpu = f"{100 * used / (after.time_s - before.time_s):.0f} %"
-        table.add_row(str(pid), "daemon" if pid == daemon_pid else "worker", cpu)
+        table.add_row(str(pid), "daemon" if pid == daemon_pid else "worker", cpu, human_size(after.rss.get(pid, 0)))
     return table
 
 
