@@ -219,10 +219,10 @@ def cmd_pages(args: argparse.Namespace) -> str | None:
     if args.heatmap:
         from .views.heatmap import heatmap
 
-        info = heatmap(args.heatmap, mount.status(), pages, mount.badblocks())
+        layout = heatmap(args.heatmap, mount.status(), pages, mount.badblocks())
         return (
-            f"wrote {args.heatmap}: {info['rows']} rows of {format_size(int(info['row_bytes']))}, "  # type: ignore[call-overload]
-            f"{info['columns']} cells of {format_size(int(info['cell_bytes']))} each"  # type: ignore[call-overload]
+            f"wrote {args.heatmap}: {layout.rows} rows of {format_size(layout.row_bytes)}, "
+            f"{layout.columns} cells of {format_size(layout.cell_bytes)} each"
         )
     if args.json:
         _print_json(pages)

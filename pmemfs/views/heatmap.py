@@ -191,8 +191,9 @@ def draw(
     return info
 
 
-def heatmap(path: str, status: dict, pages: dict, badblocks: list[tuple[int, int]]) -> dict[str, object]:
-    """Draw the device of ``status`` (``.pmemfs/status``) with ``pages`` and ``badblocks`` to ``path``."""
+def heatmap(path: str, status: dict, pages: dict, badblocks: list[tuple[int, int]]) -> Layout:
+    """Draw the device of ``status`` (``.pmemfs/status``) with ``pages`` and ``badblocks`` to ``path``;
+    return the layout drawn."""
     layout = Layout.for_device(int(status["npfns"]))
     levels = reduce_ranges(layout, *range_levels(pages))
     bad = bad_cells(layout, badblocks)
@@ -203,4 +204,5 @@ def heatmap(path: str, status: dict, pages: dict, badblocks: list[tuple[int, int
         f"cells referenced {counts[REFERENCED]}, pinned {counts[PINNED]}, long-term pinned {counts[LONGTERM]}; "
         f"cells with bad blocks {int(bad.sum())}"
     )
-    return draw(path, levels, bad, layout, title=title)
+    draw(path, levels, bad, layout, title=title)
+    return layout

@@ -13,7 +13,9 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+
+from ..client import Progress, no_progress
 
 # typing.TYPE_CHECKING would load typing, which umount (a command scripts run often) does without.
 TYPE_CHECKING = False
@@ -23,14 +25,6 @@ if TYPE_CHECKING:
 DELAY_S = 0.3
 # Plain lines (a pipe, a log file): a line when the text changes, at most this often.
 LINE_EVERY_S = 2.0
-
-
-# progress(text, done=None, total=None)
-ProgressFn = Callable[..., None]
-
-
-def no_progress(text: str, done: float | None = None, total: float | None = None) -> None:
-    """What ``--quiet`` shows."""
 
 
 class _Lines:
@@ -54,7 +48,7 @@ class _Lines:
 
 class _Bar:
     """A rich progress bar (a spinner while the total is unknown), shown once the work has lasted
-    ``delay_s`` and erased when it ends."""
+    ``delay_s`` and said something, and erased when it ends."""
 
     def __init__(self, what: str, stream: IO[str], delay_s: float) -> None:
         from rich.console import Console
@@ -71,14 +65,15 @@ class _Bar:
         )
         self.task = self.progress.add_task("", total=None, what=what)
         self._lock = threading.Lock()
-        self._started = self._closed = False
+        self._started = self._closed = self._told = False
+        self._shown_from = time.monotonic() + delay_s
         self._timer = threading.Timer(delay_s, self._start)
         self._timer.daemon = True
         self._timer.start()
 
     def _start(self) -> None:
         with self._lock:
-            if not self._closed:
+            if self._told and not (self._closed or self._started):
                 self.progress.start()
                 self._started = True
 
@@ -86,6 +81,9 @@ class _Bar:
         if total:  # the bar says how far: a percentage in the text would say it twice
             text = re.sub(r":? \d+%$", "", text)
         self.progress.update(self.task, description=text, completed=done or 0, total=total)
+        self._told = True
+        if not self._started and time.monotonic() >= self._shown_from:
+            self._start()
 
     def close(self) -> None:
         self._timer.cancel()
@@ -98,7 +96,7 @@ class _Bar:
 @contextlib.contextmanager
 def open_progress(
     what: str, *, quiet: bool = False, stream: IO[str] | None = None, delay_s: float = DELAY_S
-) -> Iterator[ProgressFn]:
+) -> Iterator[Progress]:
     """A progress callable for ``what`` (a command's name) on ``stream`` (stderr), for the block's duration."""
     stream = stream or sys.stderr
     if quiet:
