@@ -248,13 +248,19 @@ def _keys() -> Iterator[Callable[[float], str]]:
 
 
 def run(mount: Mount, *, interval_s: float = 1.0, once: bool = False) -> None:
-    """Draw frames until q or Ctrl-C; with ``once``, print one frame (two samples ``interval_s`` apart)."""
+    """Draw frames until q or Ctrl-C (on a terminal, in place; elsewhere one after another); with
+    ``once``, print one frame (two samples ``interval_s`` apart)."""
     console = Console(width=None if sys.stdout.isatty() else 120)
     before = take_sample(mount)
-    if once:
-        time.sleep(interval_s)
-        console.print(frame(before, take_sample(mount)))
-        return
+    if once or not console.is_terminal:
+        # Into a pipe or a file, frame after frame, as `iostat 1 > log` does.
+        while True:
+            time.sleep(interval_s)
+            after = take_sample(mount)
+            console.print(frame(before, after))
+            if once:
+                return
+            before = after
     from rich.live import Live
 
     # The alternate screen, as htop: the terminal is as it was when top is left.
