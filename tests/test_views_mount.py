@@ -197,3 +197,25 @@ def test_umount_on_a_terminal_shows_the_pins_it_waits_for(mount: Mount) -> None:
     assert code == 0, shown
     assert f"2 referenced page(s) to drain; oldest: pid {holder.pid} (" in shown
     assert "\x1b[" in shown and f"unmounted {mount.mountpoint}" in shown
+
+
+def test_top_on_a_terminal_redraws_until_q(mount: Mount) -> None:
+    main, secondary = os.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 120, 0, 0))
+    env = {**os.environ, "TERM": "xterm-256color"}
+    top = subprocess.Popen([*PMEMFS, "top", mount.mountpoint, "--interval", "0.2"], stdin=secondary,
+                           stdout=secondary, stderr=secondary, env=env)  # fmt: skip
+    os.close(secondary)
+    shown = b""
+    try:
+        while shown.count(b"Oldest holders") < 2:  # the first frame and one redraw
+            assert select.select([main], [], [], 10)[0], shown.decode(errors="replace")
+            shown += os.read(main, 65536)
+        os.write(main, b"q")
+        assert top.wait(timeout=10) == 0
+    finally:
+        if top.poll() is None:
+            top.kill()
+            top.wait()
+        os.close(main)
+    assert b"\x1b[?1049h" in shown  # the alternate screen, left on the way out
