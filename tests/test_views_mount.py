@@ -148,6 +148,8 @@ def pin_held(mount: Mount, seconds: float) -> Iterator[subprocess.Popen[str]]:
     finally:
         holder.kill()
         holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
 
 
 def on_pty(*args: str) -> tuple[int, str]:
