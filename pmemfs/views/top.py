@@ -210,11 +210,11 @@ def serving_table(before: Sample | None, after: Sample) -> Table:
 def frame(before: Sample | None, after: Sample, *, names: Callable[[int], str] = command_name) -> RenderableType:
     """One screen of ``pmemfs top``."""
     status = after.status
-    interval = f", over the last {after.time_s - before.time_s:.1f} s" if before else ""
+    interval = f", rates over {after.time_s - before.time_s:.1f} s" if before else ""
     header = Text.assemble(
         ("pmemfs top ", "bold"),
         f"{status['mountpoint']}: {status['mode']} map={status['map']} {format_size(status['size'])}, "
-        f"daemon pid {status['pid']}, image {status['image']}{interval}",
+        f"daemon pid {status['pid']}{interval}",
     )
     return Group(
         header,
