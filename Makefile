@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := python3 python3-venv python3-dev gcc pkg-config fuse3 libfuse3-dev fio ndctl e2fsprogs util-linux
 STAMP := .make
 
-.PHONY: run test lint bench sysdeps clean
+.PHONY: run test lint bench docs sysdeps clean
 
 sysdeps:
 	@scripts/install-system-packages $(APT_PACKAGES)
@@ -15,7 +15,7 @@ sysdeps:
 $(STAMP)/venv: pyproject.toml | sysdeps
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[test,lint]'
+	$(VENV)/bin/pip install --quiet -e '.[test,lint,plot]'
 	@mkdir -p $(STAMP) && touch $@
 
 run: sysdeps $(STAMP)/venv
@@ -32,5 +32,9 @@ lint: $(STAMP)/venv
 bench: sysdeps $(STAMP)/venv
 	$(PY) scripts/bench.py
 
+# The README's pictures (heatmap, top, a Perfetto trace) from a scripted scenario, into docs/_build/.
+docs: sysdeps $(STAMP)/venv
+	$(PY) scripts/docs_heatmap.py
+
 clean:
-	rm -rf $(VENV) $(STAMP) build
+	rm -rf $(VENV) $(STAMP) build docs/_build

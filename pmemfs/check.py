@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 
 from .errors import CorruptImage, PmemfsError, UsageError
 from .infoblock import (
@@ -68,15 +69,20 @@ class ImageChecker:
         self.geometry: Geometry | None = None
         self.report = Report()
 
-    def run(self, repair: bool) -> Report:
-        self.check_file_size()
-        self.check_header(repair)
-        self.check_infoblock()
-        self.check_identity()
-        self.check_badblocks(repair)
-        self.check_clean()
+    def run(self, repair: bool, progress: Callable[..., None] = lambda text, done=None, total=None: None) -> Report:
+        steps: list[tuple[str, Callable[[], None]]] = [
+            ("file size", self.check_file_size),
+            ("header", lambda: self.check_header(repair)),
+            ("info block", self.check_infoblock),
+            ("identity", self.check_identity),
+            ("badblocks", lambda: self.check_badblocks(repair)),
+            ("clean shutdown", self.check_clean),
+        ]
         if repair:
-            self.repair_blocks()
+            steps.append(("repairs", self.repair_blocks))
+        for done, (name, step) in enumerate(steps):
+            progress(f"{self.path}: {name}", done, len(steps))
+            step()
         return self.report
 
     def check_file_size(self) -> None:
@@ -193,11 +199,15 @@ class ImageChecker:
         os.fdatasync(self.fd)
 
 
-def check_image(path: str, *, repair: bool = False) -> Report:
+def check_image(
+    path: str, *, repair: bool = False, progress: Callable[..., None] = lambda text, done=None, total=None: None
+) -> Report:
+    """Check (and with ``repair``, repair) the image at ``path``; ``progress(text, done, total)``
+    hears of each invariant as its check starts."""
     fd = open_image(path, writable=repair)
     try:
         if repair:
             lock_image(fd, path)
-        return ImageChecker(path, fd).run(repair)
+        return ImageChecker(path, fd).run(repair, progress)
     finally:
         os.close(fd)

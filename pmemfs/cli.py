@@ -80,8 +80,10 @@ def cmd_info(args: argparse.Namespace) -> str | None:
 
 def cmd_check(args: argparse.Namespace) -> str | None:
     from .check import check_image
+    from .views.progress import open_progress
 
-    report = check_image(args.image, repair=args.repair)
+    with open_progress("check", quiet=args.quiet) as progress:
+        report = check_image(args.image, repair=args.repair, progress=progress)
     for line in report.lines:
         print(line)
     if not report.ok:
@@ -124,7 +126,13 @@ def cmd_mount(args: argparse.Namespace) -> str | None:
         return None
     daemon_args = daemon_arguments(args.serve, args.workers, args.spin_us)
     daemon_args += () if args.track_references else ("--no-references",)
-    pid = client.start_daemon(args.image, args.mountpoint, log_path=args.log, debug=args.debug, daemon_args=daemon_args)
+    from .views.progress import open_progress
+
+    with open_progress("mount", quiet=args.quiet, delay_s=0) as progress:
+        started = client.spawn_daemon(
+            args.image, args.mountpoint, log_path=args.log, debug=args.debug, daemon_args=daemon_args, progress=progress
+        )
+    pid = started.pid
     if not args.loop:
         return f"mounted {args.image} at {args.mountpoint} (daemon pid {pid})"
     try:
@@ -137,7 +145,10 @@ def cmd_mount(args: argparse.Namespace) -> str | None:
 
 
 def cmd_umount(args: argparse.Namespace) -> str | None:
-    return Mount(args.mountpoint).unmount(timeout_s=args.timeout)
+    from .views.progress import open_progress
+
+    with open_progress("umount", quiet=args.quiet) as progress:
+        return client.unmount(args.mountpoint, timeout_s=args.timeout, progress=progress)
 
 
 def cmd_status(args: argparse.Namespace) -> str | None:
@@ -181,7 +192,10 @@ def format_status(status: dict) -> str:
 
 
 def cmd_zero(args: argparse.Namespace) -> str | None:
-    Mount(args.mountpoint).zero(args.offset, args.length, timeout_s=args.timeout)
+    from .views.progress import open_progress
+
+    with open_progress("zero", quiet=args.quiet) as progress:
+        Mount(args.mountpoint).zero(args.offset, args.length, timeout_s=args.timeout, progress=progress)
     return f"zeroed {args.length} bytes at offset {args.offset}"
 
 
@@ -200,7 +214,16 @@ def cmd_clear_errors(args: argparse.Namespace) -> str | None:
 
 
 def cmd_pages(args: argparse.Namespace) -> str | None:
-    pages = Mount(args.mountpoint).pages()
+    mount = Mount(args.mountpoint)
+    pages = mount.pages()
+    if args.heatmap:
+        from .views.heatmap import heatmap
+
+        layout = heatmap(args.heatmap, mount.status(), pages, mount.badblocks())
+        return (
+            f"wrote {args.heatmap}: {layout.rows} rows of {format_size(layout.row_bytes)}, "
+            f"{layout.columns} cells of {format_size(layout.cell_bytes)} each"
+        )
     if args.json:
         _print_json(pages)
         return None
@@ -210,9 +233,51 @@ def cmd_pages(args: argparse.Namespace) -> str | None:
 
 def cmd_trace(args: argparse.Namespace) -> str | None:
     mount = Mount(args.mountpoint)
+    if args.perfetto:
+        if args.follow or args.io:
+            raise UsageError("--perfetto writes the events in the ring now: leave out --follow and --io")
+        return _write_perfetto(mount, args.perfetto)
     # I/O transfers are traced only while someone asks: this command, until it exits.
     with mount.tracing_io() if args.io else contextlib.nullcontext():
         return _print_trace(mount, args.follow)
+
+
+def _write_perfetto(mount: Mount, path: str) -> str:
+    from .views import perfetto
+
+    read = mount.trace_events()
+    trace = perfetto.to_chrome_trace(
+        read["events"],
+        read["now_ns"],
+        mountpoint=mount.mountpoint,
+        process_name=lambda pid: f"pid {pid} ({client.command_name(pid)})",
+    )
+    problems = perfetto.validate(trace)
+    if problems:  # a bug of the converter: say so rather than hand Perfetto a file it misreads
+        raise PmemfsError(f"the timeline is not valid trace-event JSON ({problems[0]}); {path} not written")
+    try:
+        with open(path, "w") as f:
+            json.dump(trace, f)
+    except OSError as err:
+        raise PmemfsError(f"cannot write {path}: {err.strerror}") from None
+    counts = perfetto.summary(trace)
+    return (
+        f"wrote {path}: {counts['slices']} slice(s), {counts['instants']} instant(s), "
+        f"{counts['counter samples']} counter sample(s) from {len(read['events'])} event(s); "
+        "open it at https://ui.perfetto.dev (Open trace file) or chrome://tracing"
+    )
+
+
+def cmd_top(args: argparse.Namespace) -> str | None:
+    from .views import top
+
+    if args.interval <= 0:
+        raise UsageError("--interval must be a positive number of seconds")
+    try:
+        top.run(Mount(args.mountpoint), interval_s=args.interval, once=args.once)
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how one leaves top: not a failure
+    return None
 
 
 def _print_trace(mount: Mount, follow: bool) -> str | None:
@@ -275,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="validate an image")
     check.add_argument("image")
     check.add_argument("--repair", action="store_true", help="repair what is safe to repair")
+    _quiet(check)
     check.set_defaults(func=cmd_check)
 
     mount = commands.add_parser("mount", help="serve an image at a mountpoint")
@@ -284,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--loop", action="store_true", help="also attach pmem0 to a loop device (direct I/O)")
     mount.add_argument("--log", help="daemon log file (default: in the temp directory, named after the mountpoint)")
     mount.add_argument("--debug", action="store_true")
+    _quiet(mount)
     mount.add_argument(
         "--serve",
         choices=("fast", "trio"),
@@ -310,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     umount = commands.add_parser("umount", help="unmount and mark the image clean")
     umount.add_argument("mountpoint")
     umount.add_argument("--timeout", type=float, default=30.0, help="seconds to wait (default 30)")
+    _quiet(umount)
     umount.set_defaults(func=cmd_umount)
 
     status = commands.add_parser("status", help="what a mount is doing")
@@ -331,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     zero.add_argument("--offset", type=_size, required=True)
     zero.add_argument("--length", type=_size, required=True)
     zero.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for busy pages (default 30)")
+    _quiet(zero)
     zero.set_defaults(func=cmd_zero)
 
     inject = commands.add_parser(
@@ -350,6 +419,12 @@ def build_parser() -> argparse.ArgumentParser:
     pages = commands.add_parser("pages", help="referenced pages and their holders")
     pages.add_argument("mountpoint")
     pages.add_argument("--json", action="store_true")
+    pages.add_argument(
+        "--heatmap",
+        metavar="FILE",
+        help="draw the data area to FILE (.png or .svg), coloured by references and pins "
+        "(needs matplotlib: pip install 'pmemfs[plot]')",
+    )
     pages.set_defaults(func=cmd_pages)
 
     trace = commands.add_parser("trace", help="recent page registry events")
@@ -358,8 +433,25 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument(
         "--io", action="store_true", help="also trace every I/O transfer while this runs (with --follow)"
     )
+    trace.add_argument(
+        "--perfetto",
+        metavar="FILE",
+        help="write the events as a Chrome trace-event timeline (JSON) for ui.perfetto.dev or chrome://tracing",
+    )
     trace.set_defaults(func=cmd_trace)
+
+    top = commands.add_parser("top", help="a live view: I/O rates per file, pins in flight, oldest holders")
+    top.add_argument("mountpoint")
+    top.add_argument("--interval", type=float, default=1.0, help="seconds between frames (default 1)")
+    top.add_argument("--once", action="store_true", help="print one frame (rates over --interval) and exit")
+    top.set_defaults(func=cmd_top)
     return parser
+
+
+def _quiet(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--quiet", "-q", action="store_true", help="no progress (a bar on a terminal, plain lines elsewhere)"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -32,6 +32,17 @@ RELEASE_GRACE_S = 2.0
 DATA_FILES = ("pmem0", "dax0")
 # What the kernel answers on a FUSE mount whose daemon is gone (newer kernels say ECONNABORTED).
 DEAD_MOUNT_ERRNOS = (errno.ENOTCONN, errno.ECONNABORTED)
+# progress(text, done, total): how long work tells the CLI how it goes (views/progress.py shows it).
+Progress = Callable[..., None]
+
+
+def print_progress(text: str, done: float | None = None, total: float | None = None) -> None:
+    """Progress for callers that ask for none in particular (the Python API): a line on stderr."""
+    print(f"pmemfs: {text}", file=sys.stderr, flush=True)
+
+
+def no_progress(text: str, done: float | None = None, total: float | None = None) -> None:
+    pass
 
 
 def poll_until(predicate: Callable[[], bool], timeout_s: float, interval_s: float = POLL_INTERVAL_S) -> bool:
@@ -155,7 +166,13 @@ def start_daemon(
 
 
 def spawn_daemon(
-    image: str, mountpoint: str, *, log_path: str | None = None, debug: bool = False, daemon_args: tuple[str, ...] = ()
+    image: str,
+    mountpoint: str,
+    *,
+    log_path: str | None = None,
+    debug: bool = False,
+    daemon_args: tuple[str, ...] = (),
+    progress: Progress = print_progress,
 ) -> subprocess.Popen[bytes]:
     """Start a background daemon and return it once the mount answers requests.
 
@@ -187,7 +204,7 @@ def spawn_daemon(
     os.close(write_end)
     try:
         try:
-            failure = _read_until_eof(read_end, daemon)
+            failure = _read_until_eof(read_end, daemon, progress)
         finally:
             os.close(read_end)
         if failure:
@@ -206,7 +223,7 @@ def spawn_daemon(
     return daemon
 
 
-def _read_until_eof(fd: int, daemon: subprocess.Popen) -> str:
+def _read_until_eof(fd: int, daemon: subprocess.Popen, progress: Progress = print_progress) -> str:
     """The daemon's start-up failure (empty once it has mounted), reading its ready pipe to EOF.
     A daemon that says it is making progress (``progress ...`` lines) is waited for however long
     that takes; one silent for MOUNT_TIMEOUT_S is given up on."""
@@ -223,7 +240,9 @@ def _read_until_eof(fd: int, daemon: subprocess.Popen) -> str:
             text = line.decode(errors="replace").strip()
             if text.startswith("progress "):
                 deadline = time.monotonic() + MOUNT_TIMEOUT_S
-                print(f"pmemfs: {text.removeprefix('progress ')}", file=sys.stderr, flush=True)
+                text = text.removeprefix("progress ")
+                percent = re.search(r"(\d+)%$", text)
+                progress(text, int(percent.group(1)) if percent else None, 100 if percent else None)
             elif text:
                 message.append(text)
         if not chunk:
@@ -478,9 +497,13 @@ def first_busy(mountpoint: str, offset: int, length: int) -> tuple[int, list[dic
     return None
 
 
-def zero(mountpoint: str, offset: int, length: int, *, timeout_s: float = 30.0) -> None:
+def zero(
+    mountpoint: str, offset: int, length: int, *, timeout_s: float = 30.0, progress: Progress = no_progress
+) -> None:
     """Bulk-zero a range, waiting (polling, like dax_layout_busy_page) while pages in it are referenced."""
     with PinSession(mountpoint) as session:
+        what = f"zeroing {length} bytes at offset {offset}"
+        progress(what)
 
         def zeroed() -> bool:
             try:
@@ -488,6 +511,10 @@ def zero(mountpoint: str, offset: int, length: int, *, timeout_s: float = 30.0) 
             except PmemfsError as err:
                 if err.errno != errno.EBUSY:
                     raise
+                busy = first_busy(mountpoint, offset, length)
+                if busy:
+                    holder = f": {holder_summary(oldest(busy[1]))}" if busy[1] else ""
+                    progress(f"waiting for busy page {busy[0]}{holder}")
                 return False
             return True
 
@@ -507,7 +534,9 @@ PIN_ERRORS = {
 }
 
 
-def drain_references(mountpoint: str, session: PinSession, timeout_s: float) -> list[dict[str, object]]:
+def drain_references(
+    mountpoint: str, session: PinSession, timeout_s: float, progress: Progress = no_progress
+) -> list[dict[str, object]]:
     """Kill the device reference and wait for every page reference to go; return the holders left.
 
     Only once no data file is open, and none can open meanwhile: the session first holds opens of
@@ -521,9 +550,42 @@ def drain_references(mountpoint: str, session: PinSession, timeout_s: float) -> 
         refuse_if_busy(mountpoint)  # names who, if anyone can be named
         raise MountError(f"{mountpoint} is busy: pmem0 or dax0 was opened meanwhile. Nothing was stopped") from None
     session.kill_device()
-    if poll_until(lambda: read_status(mountpoint)["registry"]["referenced_pages"] == 0, timeout_s, POLL_INTERVAL_S * 5):
+    first: list[int] = []
+
+    def drained() -> bool:
+        left = read_status(mountpoint)["registry"]["referenced_pages"]
+        if left:
+            first[:] = first or [left]
+            holders = read_pages(mountpoint)["holders"]
+            who = f"; oldest: {holder_summary(oldest(holders))}" if holders else ""
+            progress(f"{left} referenced page(s) to drain{who}", first[0] - left, first[0])
+        return left == 0
+
+    if poll_until(drained, timeout_s, POLL_INTERVAL_S * 5):
         return []
     return read_pages(mountpoint)["holders"]
+
+
+def oldest(holders: list[dict]) -> dict:
+    """The holder that has held its reference longest: the one an unmount waits on."""
+    return max(holders, key=lambda h: h["age_s"])
+
+
+def command_name(pid: int) -> str:
+    """A process's command name (``comm``), or "gone" if it has exited."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "gone"
+
+
+def holder_summary(holder: dict) -> str:
+    """A holder in a few words, for a progress line: who (pid and command), what, where, for how long."""
+    return (
+        f"pid {holder['pid']} ({command_name(holder['pid'])}) {holder['kind']} on {holder['file']} "
+        f"{holder['offset']}+{holder['length']}, {holder['age_s']:.1f} s"
+    )
 
 
 def describe_holder(holder: dict) -> str:
@@ -548,7 +610,7 @@ def format_pages(pages: dict) -> list[str]:
     return lines
 
 
-def unmount(mountpoint: str, *, timeout_s: float = 30.0) -> str:
+def unmount(mountpoint: str, *, timeout_s: float = 30.0, progress: Progress = no_progress) -> str:
     """Detach loop devices, drain page references, unmount, and wait for the daemon to exit clean."""
     mountpoint = os.path.abspath(mountpoint)
     if not fuse_mount_entry(mountpoint):
@@ -560,7 +622,7 @@ def unmount(mountpoint: str, *, timeout_s: float = 30.0) -> str:
     detach_loops(mountpoint)
     refuse_if_busy(mountpoint)
     with PinSession(mountpoint) as session:
-        holders = drain_references(mountpoint, session, timeout_s)
+        holders = drain_references(mountpoint, session, timeout_s, progress)
         if holders:
             # On a timeout the mount goes on serving. Closing the session would revive the device
             # too, but the kernel sends that release later: say it now, before we exit.

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .badblocks import BadBlocks
-from .counters import IO_COUNTERS
+from .counters import FILE_IO_COUNTERS, IO_COUNTERS
 from .holders import holders_by_range
 from .loops import loop_devices_for
 from .pages import PageRegistry
@@ -61,6 +61,7 @@ def control_files(
                 "blockdev": blockdevs[0] if blockdevs else None,
                 "allocated_bytes": region.allocated_bytes(),
                 "counters": {name: counters[name] for name in IO_COUNTERS},
+                "file_counters": {name: counters[name] for name in FILE_IO_COUNTERS},
                 "open_files": counters["data_opens"] - counters["data_releases"],
                 "registry": registry.statistics(),
                 "coordination": registry.coordination(),
@@ -79,9 +80,14 @@ def control_files(
     def trace() -> bytes:
         return "".join(event.line() + "\n" for event in registry.events()).encode()
 
+    def trace_json() -> bytes:
+        # The same events for programs (pmemfs trace --perfetto): exact times, no line to parse.
+        return _json({"now_ns": time.time_ns(), "events": [event._asdict() for event in registry.events()]})
+
     return [
         ControlFile("status", status),
         ControlFile("pages", pages),
         ControlFile("trace", trace),
         ControlFile("badblocks", badblocks.sysfs, badblocks.store_sysfs),
+        ControlFile("trace.json", trace_json),
     ]

@@ -7,7 +7,7 @@ reader sums the rows and may see one process's update a moment late, never a tor
 
 from __future__ import annotations
 
-from .shared import COUNTER_SLOTS, SharedState
+from .shared import COUNTER_SLOTS, FILES, SharedState
 
 # The registry's counters, named as /proc/vmstat names them where it has them, then the I/O path's.
 REGISTRY_COUNTERS = (
@@ -31,9 +31,25 @@ IO_COUNTERS = (
 )
 # Opens and releases of pmem0/dax0, counted where they land: the difference is what is open now.
 HANDLE_COUNTERS = ("data_opens", "data_releases")
-COUNTERS = REGISTRY_COUNTERS + IO_COUNTERS + HANDLE_COUNTERS
+# The I/O counters again per data file, for ``pmemfs top``; the pair of each is laid out in FILES
+# order, so that the I/O path finds its file's slot by adding the handle's file code (no lookup).
+# Only pmem0 does direct I/O, so its buffered share is its total less the direct_* counters.
+PER_FILE = ("reads", "writes", "read_bytes", "write_bytes")
+DATA_FILES = tuple(name for name in FILES if name)
+FILE_IO_COUNTERS = tuple(f"{file}_{what}" for what in PER_FILE for file in DATA_FILES) + (
+    "direct_read_bytes",
+    "direct_write_bytes",
+)
+COUNTERS = REGISTRY_COUNTERS + IO_COUNTERS + HANDLE_COUNTERS + FILE_IO_COUNTERS
 COUNTER = {name: i for i, name in enumerate(COUNTERS)}
 assert len(COUNTERS) <= COUNTER_SLOTS
+
+
+def file_slot_base(what: str) -> int:
+    """The slot that the file code (FILES.index(name)) is added to for that file's ``what`` counter."""
+    base = COUNTER[f"{DATA_FILES[0]}_{what}"] - FILES.index(DATA_FILES[0])
+    assert all(COUNTER[f"{file}_{what}"] == base + FILES.index(file) for file in DATA_FILES)
+    return base
 
 
 class Counters:

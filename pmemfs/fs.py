@@ -34,7 +34,7 @@ import pyfuse3
 from . import handles
 from .badblocks import BadBlocks
 from .control import ControlFile
-from .counters import COUNTER, HANDLE_COUNTERS, IO_COUNTERS
+from .counters import COUNTER, HANDLE_COUNTERS, IO_COUNTERS, file_slot_base
 from .errors import PmemfsError
 from .infoblock import PAGE_SIZE, SECTOR_SIZE
 from .pages import PageRegistry
@@ -67,6 +67,11 @@ READS, WRITES, READ_BYTES, WRITE_BYTES, DIRECT_READS, DIRECT_WRITES, FSYNCS, ERR
     COUNTER[n] for n in IO_COUNTERS
 )
 DATA_OPENS, DATA_RELEASES = (COUNTER[n] for n in HANDLE_COUNTERS)
+# Per data file: the slot of a file's counter is the base plus the handle's file code.
+FILE_READS, FILE_WRITES, FILE_READ_BYTES, FILE_WRITE_BYTES = (
+    file_slot_base(what) for what in ("reads", "writes", "read_bytes", "write_bytes")
+)
+DIRECT_READ_BYTES, DIRECT_WRITE_BYTES = COUNTER["direct_read_bytes"], COUNTER["direct_write_bytes"]
 _Handler = TypeVar("_Handler", bound=Callable[..., Awaitable[Any]])
 
 
@@ -331,8 +336,12 @@ class PmemOperations(pyfuse3.Operations):
             ctr = self.registry.counter_row
             ctr[READS] += 1
             ctr[READ_BYTES] += size
+            file_code = handle.file_code
+            ctr[FILE_READS + file_code] += 1
+            ctr[FILE_READ_BYTES + file_code] += size
             if handle.direct:
                 ctr[DIRECT_READS] += 1
+                ctr[DIRECT_READ_BYTES] += size
             return self.region.read(off, size)
         except pyfuse3.FUSEError:
             raise
@@ -370,8 +379,12 @@ class PmemOperations(pyfuse3.Operations):
             ctr = self.registry.counter_row
             ctr[WRITES] += 1
             ctr[WRITE_BYTES] += size
+            file_code = handle.file_code
+            ctr[FILE_WRITES + file_code] += 1
+            ctr[FILE_WRITE_BYTES + file_code] += size
             if handle.direct:
                 ctr[DIRECT_WRITES] += 1
+                ctr[DIRECT_WRITE_BYTES] += size
             return size
         except pyfuse3.FUSEError:
             raise

@@ -7,6 +7,7 @@ the region's life cycle) are built on; it talks to the daemon only through the m
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 
@@ -71,6 +72,10 @@ class Mount:
         """The page registry's recent events, oldest first, one line each."""
         return client.read_control(self.mountpoint, "trace").splitlines()
 
+    def trace_events(self) -> dict[str, Any]:
+        """``.pmemfs/trace.json``: the same events as dicts with exact times (``events``), and ``now_ns``."""
+        return json.loads(client.read_control(self.mountpoint, "trace.json"))  # type: ignore[no-any-return]
+
     @contextlib.contextmanager
     def tracing_io(self) -> Iterator[None]:
         """Trace every I/O transfer too (not only pins and sessions) while the block runs."""
@@ -99,9 +104,12 @@ class Mount:
             session.clear_errors()
         return before
 
-    def zero(self, offset: int, length: int, *, timeout_s: float = 30.0) -> None:
-        """Bulk-zero a byte range of the data area, waiting up to ``timeout_s`` for pinned pages in it."""
-        client.zero(self.mountpoint, offset, length, timeout_s=timeout_s)
+    def zero(
+        self, offset: int, length: int, *, timeout_s: float = 30.0, progress: client.Progress = client.no_progress
+    ) -> None:
+        """Bulk-zero a byte range of the data area, waiting up to ``timeout_s`` for pinned pages in it;
+        ``progress(text, done, total)`` hears how it goes."""
+        client.zero(self.mountpoint, offset, length, timeout_s=timeout_s, progress=progress)
 
     @contextlib.contextmanager
     def pin(self, file: str, offset: int, length: int, *, longterm: bool = False) -> Iterator[Pin]:

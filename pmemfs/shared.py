@@ -47,7 +47,7 @@ from .limits import COLUMNS, MAX_WORKERS  # noqa: F401  (the layout's one dimens
 # Python names it from 3.12 on; 0x4000 is Linux's value on x86-64 and arm64.
 MAP_NORESERVE: int = getattr(mmap, "MAP_NORESERVE", 0x4000)
 
-COUNTER_SLOTS = 24
+COUNTER_SLOTS = 32
 HOLDER_SLOTS = 1024  # per column
 TRACE_EVENTS = 4096  # per column
 TRACE_NOTE = 48

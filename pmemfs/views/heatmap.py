@@ -1,0 +1,208 @@
+"""``pmemfs pages --heatmap``: the data area as a picture of who references it, a cell per few pages.
+
+The device is laid out in rows of ``COLUMNS`` cells; a cell is a power of two of pages, chosen so
+that the whole device fits in ``MAX_ROWS`` rows, and its colour is the highest level of any page
+in it: referenced (get_page), pinned (refcount >= GUP_PIN_COUNTING_BIAS), long-term pinned (a
+FOLL_LONGTERM holder). Cells with poisoned sectors are crossed. The reduction works on the
+registry's referenced ranges with numpy (no Python loop per page or per cell), so a 1 TiB device
+is reduced in milliseconds; drawing is matplotlib's (``pip install 'pmemfs[plot]'``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import PmemfsError
+from ..infoblock import PAGE_SIZE, SECTOR_SIZE
+from ..records import GUP_PIN_COUNTING_BIAS
+from ..sizes import format_size
+
+COLUMNS = 128
+MAX_ROWS = 256
+LEVELS = ("idle", "referenced", "pinned", "long-term pinned")
+IDLE, REFERENCED, PINNED, LONGTERM = range(len(LEVELS))
+BEYOND = len(LEVELS)  # cells of the last row past the end of the device
+# Exact colours, so that a test (or a script) can read the picture back as pixels.
+COLOURS = ("#ececec", "#4c8fd6", "#f29a2e", "#c8102e", "#ffffff")
+BADBLOCK_COLOUR = "#000000"
+PNG_METADATA_KEY = "pmemfs-heatmap"
+INSTALL_HINT = "pmemfs pages --heatmap needs matplotlib: pip install 'pmemfs[plot]'"
+
+
+@dataclass(frozen=True)
+class Layout:
+    npfns: int
+    cell_pages: int
+    columns: int = COLUMNS
+
+    @classmethod
+    def for_device(cls, npfns: int, columns: int = COLUMNS, max_rows: int = MAX_ROWS) -> Layout:
+        """The smallest power-of-two cell that fits ``npfns`` pages in ``max_rows`` rows."""
+        cell_pages = 1
+        while -(-npfns // (cell_pages * columns)) > max_rows:
+            cell_pages *= 2
+        return cls(npfns, cell_pages, columns)
+
+    @property
+    def cells(self) -> int:
+        return -(-self.npfns // self.cell_pages)
+
+    @property
+    def rows(self) -> int:
+        return -(-self.cells // self.columns)
+
+    @property
+    def cell_bytes(self) -> int:
+        return self.cell_pages * PAGE_SIZE
+
+    @property
+    def row_bytes(self) -> int:
+        return self.cell_bytes * self.columns
+
+
+def range_levels(pages: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``.pmemfs/pages`` as (first pfn, npages, level) arrays: each referenced range at the level its
+    refcount says, then each long-term holder's range at LONGTERM (the refcount cannot tell)."""
+    ranges = pages["ranges"]
+    longterm = [h for h in pages["holders"] if h["kind"] == "longterm"]
+    pfn = np.fromiter((r["pfn"] for r in ranges), np.int64, len(ranges))
+    npages = np.fromiter((r["npages"] for r in ranges), np.int64, len(ranges))
+    refcount = np.fromiter((r["refcount"] for r in ranges), np.int64, len(ranges))
+    level = np.where(refcount >= GUP_PIN_COUNTING_BIAS, PINNED, REFERENCED).astype(np.uint8)
+    if longterm:
+        pfn = np.concatenate([pfn, [h["pfn"] for h in longterm]])
+        npages = np.concatenate([npages, [h["npages"] for h in longterm]])
+        level = np.concatenate([level, np.full(len(longterm), LONGTERM, np.uint8)])
+    return pfn, npages, level
+
+
+def reduce_ranges(layout: Layout, pfn: np.ndarray, npages: np.ndarray, level: np.ndarray) -> np.ndarray:
+    """The highest ``level`` over each cell of ``layout`` (IDLE where nothing is), as (rows, columns),
+    cells past the device at BEYOND. Ranges may overlap; the work is O(ranges + cells they cover)."""
+    cells = np.zeros(layout.rows * layout.columns, np.uint8)
+    keep = npages > 0
+    if keep.any():
+        first = pfn[keep] // layout.cell_pages
+        last = (pfn[keep] + npages[keep] - 1) // layout.cell_pages
+        count = last - first + 1
+        # Every (range, cell) pair at once: the cell index is the range's first cell plus a step.
+        starts = np.repeat(np.cumsum(count) - count, count)
+        index = np.repeat(first, count) + (np.arange(int(count.sum())) - starts)
+        np.maximum.at(cells, index, np.repeat(level[keep], count))
+    cells[layout.cells :] = BEYOND
+    return cells.reshape(layout.rows, layout.columns)
+
+
+def bad_cells(layout: Layout, badblocks: list[tuple[int, int]]) -> np.ndarray:
+    """Which cells hold a poisoned sector, as (rows, columns) booleans."""
+    marked = np.zeros(layout.rows * layout.columns, np.uint8)
+    if badblocks:
+        extents = np.asarray(badblocks, np.int64)
+        sectors_per_cell = layout.cell_bytes // SECTOR_SIZE
+        first = extents[:, 0] // sectors_per_cell
+        last = (extents[:, 0] + extents[:, 1] - 1) // sectors_per_cell
+        ones = np.ones(len(extents), np.uint8)
+        pfn, npages = first * layout.cell_pages, (last - first + 1) * layout.cell_pages
+        marked = reduce_ranges(layout, pfn, np.minimum(npages, layout.npfns - pfn), ones).reshape(-1)
+        marked[layout.cells :] = 0
+    return marked.reshape(layout.rows, layout.columns).astype(bool)
+
+
+def draw(
+    path: str,
+    levels: np.ndarray,
+    bad: np.ndarray,
+    layout: Layout,
+    *,
+    title: str,
+) -> dict[str, object]:
+    """Write the picture to ``path`` (.png or .svg); return what a reader of its pixels needs to
+    know (stored in the PNG as the ``pmemfs-heatmap`` text chunk)."""
+    try:
+        from matplotlib.artist import Artist
+        from matplotlib.colors import BoundaryNorm, ListedColormap
+        from matplotlib.figure import Figure
+        from matplotlib.lines import Line2D
+        from matplotlib.patches import Patch
+    except ImportError:
+        raise PmemfsError(INSTALL_HINT) from None
+    if not path.endswith((".png", ".svg")):
+        raise PmemfsError(f"{path}: the heatmap is written as .png or .svg; name the file so")
+    dpi = 100
+    # At least 3 pixels a row, so that every cell has a pixel of its own colour at its centre.
+    row_px = max(3.0, min(12.0, 900 / layout.rows))
+    width_in, height_in = 11.0, (layout.rows * row_px + 170) / dpi
+    fig = Figure(figsize=(width_in, height_in), dpi=dpi)
+    left, right, bottom, top = 0.11, 0.77, 60 / (height_in * dpi), 1 - 80 / (height_in * dpi)
+    fig.subplots_adjust(left=left, right=right, bottom=bottom, top=top)
+    ax = fig.add_subplot()
+    cmap = ListedColormap(COLOURS)
+    norm = BoundaryNorm(np.arange(len(COLOURS) + 1) - 0.5, len(COLOURS))
+    ax.imshow(levels, cmap=cmap, norm=norm, interpolation="nearest", aspect="auto",
+              extent=(0, layout.columns, layout.rows, 0))  # fmt: skip
+    rows, columns = np.nonzero(bad)
+    if len(rows):
+        # A black square in the middle of the cell: the cell's own colour still shows around it.
+        ax.scatter(columns + 0.5, rows + 0.5, marker="s", c=BADBLOCK_COLOUR, s=max(4.0, (row_px * 0.6 * 72 / dpi) ** 2),
+                   linewidths=0)  # fmt: skip
+    # No frame: its line would cover the outer cells' centres.
+    ax.spines[:].set_visible(False)
+    ax.set_xlim(0, layout.columns)
+    ax.set_ylim(layout.rows, 0)
+    ax.set_title(title, fontsize=9, loc="left")
+    ax.set_xlabel(f"offset within the row (a cell is {format_size(layout.cell_bytes)})")
+    ax.set_ylabel(f"offset on the device (a row is {format_size(layout.row_bytes)})")
+    xticks = np.linspace(0, layout.columns, 5)
+    ax.set_xticks(xticks, [format_size(int(x) * layout.cell_bytes) for x in xticks])
+    step = 1 << max(0, (layout.rows - 1) // 8).bit_length()  # about 8 ticks, at round offsets
+    yticks = np.arange(0, layout.rows + 1, step)
+    ax.set_yticks(yticks, [format_size(int(y) * layout.row_bytes) for y in yticks])
+    handles: list[Artist] = [Patch(facecolor=colour, edgecolor="#888888", label=level) for level, colour in
+                             zip(LEVELS, COLOURS, strict=False)]  # fmt: skip
+    handles.append(Line2D([], [], marker="s", linestyle="", color=BADBLOCK_COLOUR, label="bad blocks"))
+    fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(right + 0.02, top), fontsize=9, frameon=False)
+    position = ax.get_position()
+    height_px = round(height_in * dpi)
+    info: dict[str, object] = {
+        # The axes in the PNG's pixels, top-left origin: cell (r, c) is centred at
+        # x0 + (c + 0.5) * (x1 - x0) / columns, y0 + (r + 0.5) * (y1 - y0) / rows.
+        "axes_px": [
+            position.x0 * width_in * dpi,
+            height_px - position.y1 * height_in * dpi,
+            position.x1 * width_in * dpi,
+            height_px - position.y0 * height_in * dpi,
+        ],  # fmt: skip
+        "rows": layout.rows,
+        "columns": layout.columns,
+        "cell_bytes": layout.cell_bytes,
+        "row_bytes": layout.row_bytes,
+        "npfns": layout.npfns,
+        "colours": dict(zip([*LEVELS, "beyond the device"], COLOURS, strict=True)),
+        "badblock_colour": BADBLOCK_COLOUR,
+    }
+    metadata = {PNG_METADATA_KEY: json.dumps(info)} if path.endswith(".png") else None
+    try:
+        fig.savefig(path, dpi=dpi, metadata=metadata)
+    except OSError as err:
+        raise PmemfsError(f"cannot write {path}: {err.strerror}") from None
+    return info
+
+
+def heatmap(path: str, status: dict, pages: dict, badblocks: list[tuple[int, int]]) -> Layout:
+    """Draw the device of ``status`` (``.pmemfs/status``) with ``pages`` and ``badblocks`` to ``path``;
+    return the layout drawn."""
+    layout = Layout.for_device(int(status["npfns"]))
+    levels = reduce_ranges(layout, *range_levels(pages))
+    bad = bad_cells(layout, badblocks)
+    counts = np.bincount(levels.reshape(-1), minlength=len(LEVELS) + 1)
+    title = (
+        f"{status['mountpoint']}: {status['mode']} map={status['map']}, data area "
+        f"{format_size(int(status['npfns']) * PAGE_SIZE)} ({status['npfns']} pages, dataoff {status['dataoff']})\n"
+        f"cells referenced {counts[REFERENCED]}, pinned {counts[PINNED]}, long-term pinned {counts[LONGTERM]}; "
+        f"cells with bad blocks {int(bad.sum())}"
+    )
+    draw(path, levels, bad, layout, title=title)
+    return layout
