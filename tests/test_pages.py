@@ -427,7 +427,6 @@ def test_whether_a_filesystem_tells_holes_from_data_is_probed(tmp_path) -> None:
     assert not seek_reports_holes("/proc")  # no file can be made there: assume the worst
 
 
-
 def test_a_read_learns_the_whole_data_extent_unless_a_zero_may_punch(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """After a remount nothing is known: the first read of written data learns its whole extent
     (one SEEK_HOLE, which walks the page cache on tmpfs, instead of one per page), but only when no
