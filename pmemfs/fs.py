@@ -37,6 +37,7 @@ from .control import ControlFile
 from .counters import COUNTER, HANDLE_COUNTERS, IO_COUNTERS
 from .errors import PmemfsError
 from .infoblock import PAGE_SIZE, SECTOR_SIZE
+from .logwrites import WriteLog
 from .pages import PageRegistry
 from .region import Region
 from .sessions import PinSessions, Session
@@ -122,9 +123,14 @@ class PmemOperations(pyfuse3.Operations):
         control_files: Sequence[ControlFile],
         *,
         track_references: bool = True,
+        write_log: WriteLog | None = None,
     ) -> None:
         super().__init__()
         self.region = region
+        # Where a write's store and an fsync's flush go: chosen once here, so that a mount with no
+        # write log pays nothing for it on the data path (logwrites.py).
+        self._store = write_log.write if write_log else region.write
+        self._flush = write_log.flush if write_log else region.flush
         self.registry = registry
         self.badblocks = badblocks
         self.sessions = sessions
@@ -360,11 +366,11 @@ class PmemOperations(pyfuse3.Operations):
             if self.track_references:
                 self.registry.begin_transfer(handle.direct, handle.pid, handle.file_code, off, size)
                 try:
-                    self.region.write(off, buf)
+                    self._store(off, buf)
                 finally:
                     self.registry.end_transfer()  # the store is done: nothing of the request points into the mapping
             else:
-                self.region.write(off, buf)
+                self._store(off, buf)
             if poisoned:
                 self.badblocks.clear_written(off, size)
             ctr = self.registry.counter_row
@@ -393,7 +399,7 @@ class PmemOperations(pyfuse3.Operations):
     @_guarded
     async def fsync(self, fh: int, datasync: bool) -> None:
         self._count(FSYNCS)
-        self.region.flush()
+        self._flush()
 
     @_guarded
     async def flush(self, fh: int) -> None:
