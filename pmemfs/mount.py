@@ -99,6 +99,12 @@ class Mount:
             session.clear_errors()
         return before
 
+    def mark(self, name: str) -> None:
+        """Add the mark ``name`` to the write log (a mount made with ``log_writes``): what
+        ``pmemfs replay --to NAME`` replays to, and xfstests' ``_log_writes_mark`` does."""
+        with client.PinSession(self.mountpoint) as session:
+            session.mark(name)
+
     def zero(self, offset: int, length: int, *, timeout_s: float = 30.0) -> None:
         """Bulk-zero a byte range of the data area, waiting up to ``timeout_s`` for pinned pages in it."""
         client.zero(self.mountpoint, offset, length, timeout_s=timeout_s)
