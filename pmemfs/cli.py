@@ -238,8 +238,8 @@ def _replay_each(args: argparse.Namespace, each: EachPoint, summary: str) -> str
         print(line)
     point = failed.point
     raise PmemfsError(
-        f"COMMAND failed at point {point.number} (entry {point.last}, {point.what}; it covers entries "
-        f"{point.covers()}): {args.image} holds the media at that point"
+        f"COMMAND failed at point {point.number} (entry {point.last}, {point.what}; it covers "
+        f"{point.covering()}): {args.image} holds the media at that point"
     )
 
 

@@ -174,6 +174,9 @@ class Point:
     def covers(self) -> str:
         return f"{self.first}-{self.last}" if self.first < self.last else str(self.last)
 
+    def covering(self) -> str:
+        return f"entries {self.first}-{self.last}" if self.first < self.last else f"entry {self.last}"
+
 
 def points(reader: LogReader, kind: str, start: int) -> Iterator[tuple[int, int, str]]:
     """(first, last, what) of each point of ``kind`` from entry ``start`` on: ``first`` is the
@@ -375,7 +378,7 @@ class EachPoint:
     def describe_failure(self, outcome: Outcome) -> list[str]:
         """What the failing point covered, entry by entry, and the tail of COMMAND's output."""
         point = outcome.point
-        lines = [f"point {point.number} covers entries {point.covers()}:"]
+        lines = [f"point {point.number} covers {point.covering()}:"]
         for entry in self.reader.entries[point.first : point.last + 1]:
             landed = ""
             if point.landed is not None and entry.is_write and entry.index != point.last:
@@ -408,4 +411,10 @@ def log_summary(reader: LogReader) -> str:
         ending = "; it stopped when it was full"
     elif reader.closed_clean is False:
         ending = "; it ends where its daemon stopped (a crash)"
-    return f"{len(entries)} entries: {writes} writes, {flushes} flushes, {marks} marks{ending}"
+    counts = ", ".join(_count(n, what) for n, what in ((writes, "write"), (flushes, "flush"), (marks, "mark")))
+    return f"{_count(len(entries), 'entry')}: {counts}{ending}"
+
+
+def _count(n: int, what: str) -> str:
+    plural = {"entry": "entries", "flush": "flushes"}.get(what, what + "s")
+    return f"{n} {what if n == 1 else plural}"

@@ -336,6 +336,14 @@ def test_a_command_that_changes_the_image_is_refused(tmp_path) -> None:  # type:
                           mount=False)  # fmt: skip
         with pytest.raises(PmemfsError, match="changed .* at point 1"):
             EachPoint(reader, target, checker, "write", 0, say=lambda line: None).run()
+    # With --copy it changes a scratch copy, which goes; IMAGE holds what the log says.
+    with replaying(tmp_path, log.path) as (reader, target):
+        writer = checker_command("import sys; open(sys.argv[1], 'r+b').write(b'!')")
+        with Checker(writer, target, reader, copy=True) as checker:
+            assert EachPoint(reader, target, checker, "write", 0, say=lambda line: None).run() is None
+        assert data_area(target)[:S] == b"x" * S and not any(
+            p.name.startswith("pmemfs-replay-") for p in tmp_path.iterdir()
+        )
 
 
 def test_replay_command_line(tmp_path) -> None:  # type: ignore[no-untyped-def]
