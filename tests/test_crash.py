@@ -163,3 +163,29 @@ def test_bad_input_around_the_log(tmp_path) -> None:  # type: ignore[no-untyped-
         region.mark("ok")
     with LogReader(log_path) as reader:
         assert [e.mark for e in reader.marks()] == ["ok", writelog.END_MARK]
+
+
+CHECK_PMEM0 = """
+import os, sys
+assert sys.argv[1] == os.environ["PMEMFS_REPLAY_PMEM0"]
+with open(sys.argv[1], "rb") as pmem0:
+    print(pmem0.read(5).decode(errors="replace"))
+"""
+
+
+def test_replay_each_mark_on_a_mounted_copy(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """--mount: COMMAND gets the pmem0 of a mounted scratch copy at each point; IMAGE is never mounted."""
+    image = create_image(tmp_path / "pmem.img", "32M", "--map", "mem")
+    start = str(tmp_path / "start.img")
+    subprocess.run(["cp", "--sparse=always", image, start], check=True)
+    log_path = str(tmp_path / "w.log")
+    with mounted(image, str(tmp_path / "mnt"), "--log-writes", log_path) as mount:
+        with DirectFile(mount.pmem0) as f:
+            f.pwrite(b"first".ljust(PAGE, b"\0"), 0)
+            pmemfs("mark", mount.mountpoint, "one")
+            f.pwrite(b"later".ljust(PAGE, b"\0"), 0)
+    result = pmemfs(
+        "replay", log_path, start, "--each", "mark", "--mount", "--", sys.executable, "-c", CHECK_PMEM0, "{}"
+    )
+    assert "COMMAND passed at all 2 points" in result.stdout  # "one", and the end mark
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("pmemfs-replay-")]
