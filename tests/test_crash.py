@@ -189,3 +189,16 @@ def test_replay_each_mark_on_a_mounted_copy(tmp_path) -> None:  # type: ignore[n
     )
     assert "COMMAND passed at all 2 points" in result.stdout  # "one", and the end mark
     assert not [p for p in os.listdir(tmp_path) if p.startswith("pmemfs-replay-")]
+
+
+async def test_crash_and_mark_from_trio(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    log_path = str(tmp_path / "w.log")
+    async with api.open_region_async(
+        size="32M", map="mem", workers=1, directory=tmp_path / "r", log_writes=log_path
+    ) as region:
+        await region.mark("before")
+        assert len(await region.crash()) >= 1 and not region.mounted
+        await region.remount()
+        assert (await region.status())["unclean_shutdowns"] == 1
+    with LogReader(log_path) as reader:
+        assert [e.mark for e in reader.marks()] == ["before"] and reader.closed_clean is False
