@@ -137,8 +137,16 @@ class AsyncMountedRegion:
     async def kill(self) -> list[int]:
         return await _in_thread(self.sync.kill)
 
-    async def remount(self) -> None:
-        await _in_thread(self.sync.remount)
+    async def crash(self) -> list[int]:
+        return await _in_thread(self.sync.crash)
+
+    async def mark(self, name: str) -> None:
+        await _in_thread(self.sync.mark, name)
+
+    async def remount(
+        self, *, log_writes: str | os.PathLike[str] | None = None, log_writes_max: int | str = "1G"
+    ) -> None:
+        await _in_thread(self.sync.remount, log_writes=log_writes, log_writes_max=log_writes_max)
 
     async def unmount(self, *, timeout_s: float = 30.0) -> str:
         return await _in_thread(self.sync.unmount, timeout_s=timeout_s)
@@ -162,13 +170,15 @@ async def open_region_async(
     spin_us: int | None = None,
     unmount_timeout_s: float = 30.0,
     trace_io: bool = False,
+    log_writes: str | os.PathLike[str] | None = None,
+    log_writes_max: int | str = "1G",
 ) -> AsyncIterator[AsyncMountedRegion]:
     """:func:`pmemfs.open_region` for trio code: ``async with``, the same arguments, an
     :class:`AsyncMountedRegion`. The region is unmounted on the way out even when the task is cancelled."""
     manager = open_region(
         image, size, mode, map, workers,
         directory=directory, mountpoint=mountpoint, align=align, serve=serve, spin_us=spin_us,
-        unmount_timeout_s=unmount_timeout_s, trace_io=trace_io,
+        unmount_timeout_s=unmount_timeout_s, trace_io=trace_io, log_writes=log_writes, log_writes_max=log_writes_max,
     )  # fmt: skip
     async with _in_threads(manager) as region:
         yield AsyncMountedRegion(region)

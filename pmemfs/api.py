@@ -8,6 +8,8 @@
             ...
         region.kill()                                      # kill -9 of every daemon process
         region.remount()
+        region.crash()                                     # a power cut: unflushed dax0 stores are lost
+        region.remount()
         region.assert_balanced()
 
 The region's life cycle (image, daemon, mount, crash, remount) over :mod:`pmemfs.client`; what a
@@ -45,9 +47,16 @@ def daemon_arguments(serve: str = "fast", workers: int | None = None, spin_us: i
     return ("--serve", serve, "--workers", str(workers), "--spin-us", str(spin_us))
 
 
+def log_arguments(log_writes: str | os.PathLike[str] | None, log_writes_max: int | str) -> tuple[str, ...]:
+    """The daemon's write-log options (``mount --log-writes``), or none."""
+    if log_writes is None:
+        return ()
+    return ("--log-writes", os.path.abspath(log_writes), "--log-writes-max", str(_size(log_writes_max)))
+
+
 class MountedRegion(Mount):
     """A region :func:`open_region` mounted and will unmount: a :class:`Mount` that can also crash
-    (:meth:`kill`) and come back (:meth:`remount`)."""
+    (:meth:`crash`, :meth:`kill`) and come back (:meth:`remount`)."""
 
     def __init__(
         self, image: str, mountpoint: str, workdir: str, *, daemon_args: tuple[str, ...], remove_workdir: bool = False
@@ -59,6 +68,8 @@ class MountedRegion(Mount):
         #: The daemon's log; it outlives the daemon, so a test can read what a crashed one said.
         self.log = os.path.join(workdir, "daemon.log")
         self._daemon_args = daemon_args
+        # The write log of the next mount only: a log is never written over, so a remount does not reuse it.
+        self._log_args: tuple[str, ...] = ()
         self._daemon: subprocess.Popen[bytes] | None = None
         #: How long leaving the ``with`` block waits for page references to drain before it gives up.
         self.unmount_timeout_s = 30.0
@@ -79,8 +90,9 @@ class MountedRegion(Mount):
         return self._daemon.pid
 
     def _start(self) -> None:
+        log_args, self._log_args = self._log_args, ()
         self._daemon = client.spawn_daemon(
-            self.image, self.mountpoint, log_path=self.log, daemon_args=self._daemon_args
+            self.image, self.mountpoint, log_path=self.log, daemon_args=self._daemon_args + log_args
         )
         if self.trace_io:
             try:
@@ -103,19 +115,37 @@ class MountedRegion(Mount):
         What a write that returned stored survives (it is in the image's shared mapping); the next
         :meth:`remount` counts an unclean shutdown. Returns the pids killed.
         """
+        return self._take_down(power_cut=False)
+
+    def crash(self) -> list[int]:
+        """A power cut (``pmemfs crash``): serving stops at once, requests in flight fail, nothing
+        more reaches the image, and ``dax0`` stores never msync'd are lost. Every write
+        acknowledged on ``pmem0`` and every flushed ``dax0`` store survives; a filesystem mounted
+        from a loop device over ``pmem0`` goes with the power (unmounted lazily); the next
+        :meth:`remount` counts an unclean shutdown; a write log ends at the last completed write.
+        Returns the pids stopped."""
+        return self._take_down(power_cut=True)
+
+    def _take_down(self, *, power_cut: bool) -> list[int]:
         if self._daemon is None:
-            raise MountError(f"{self.mountpoint}: the region is not mounted, there is no daemon to kill")
+            raise MountError(f"{self.mountpoint}: the region is not mounted, there is no daemon to stop")
         daemon, self._daemon = self._daemon, None
-        killed = client.kill_daemon(self.image, self.mountpoint, daemon.pid)
+        stop = client.power_cut if power_cut else client.kill_daemon
+        killed = stop(self.image, self.mountpoint, daemon.pid)
         daemon.wait()
         self._drop_tracer()
-        client.cleanup_dead_mount(self.mountpoint)
+        if power_cut:
+            client.cleanup_after_power_cut(self.mountpoint)
+        else:
+            client.cleanup_dead_mount(self.mountpoint)
         return killed
 
-    def remount(self) -> None:
-        """Unmount (cleanly, if a daemon serves) and mount the same image again."""
+    def remount(self, *, log_writes: str | os.PathLike[str] | None = None, log_writes_max: int | str = "1G") -> None:
+        """Unmount (cleanly, if a daemon serves) and mount the same image again, recording a new
+        write log in ``log_writes`` if given."""
         if self._daemon is not None:
             self._unmount()
+        self._log_args = log_arguments(log_writes, log_writes_max)
         self._start()
 
     def unmount(self, *, timeout_s: float = 30.0) -> str:
@@ -201,6 +231,8 @@ def open_region(
     spin_us: int | None = None,
     unmount_timeout_s: float = 30.0,
     trace_io: bool = False,
+    log_writes: str | os.PathLike[str] | None = None,
+    log_writes_max: int | str = "1G",
 ) -> Iterator[MountedRegion]:
     """Mount a region for the ``with`` block and unmount it on the way out, whatever happened.
 
@@ -210,7 +242,9 @@ def open_region(
     daemon's log (``daemon.log``) go, kept afterwards; by default a temporary directory, removed
     afterwards. ``workers``, ``serve``, ``spin_us``: as ``pmemfs mount`` takes them. ``trace_io``:
     :meth:`~Mount.trace` shows every I/O transfer too, not only pins and sessions (a control file is
-    held open for it, so an unmount by anyone but the handle is refused as busy).
+    held open for it, so an unmount by anyone but the handle is refused as busy). ``log_writes``:
+    record the first mount's writes, flushes and marks in this dm-log-writes log (``pmemfs mount
+    --log-writes``), up to ``log_writes_max`` bytes.
 
     Leaving the block unmounts as ``pmemfs umount`` does, waiting up to ``unmount_timeout_s`` for
     page references to drain; if that fails (a file still open, a pin never released) the daemon is
@@ -233,6 +267,7 @@ def open_region(
         os.makedirs(mountpoint, exist_ok=True)
         region = MountedRegion(image, mountpoint, workdir, daemon_args=daemon_args, remove_workdir=directory is None)
         region.unmount_timeout_s, region.trace_io = unmount_timeout_s, trace_io
+        region._log_args = log_arguments(log_writes, log_writes_max)
         if owned_mountpoint:
             # Before the mount: a run killed at any point leaves nothing that the next run's sweep
             # (pmemfs.owners) cannot recognise as an orphan.

@@ -14,11 +14,26 @@ import traceback
 from collections.abc import Sequence
 
 from . import client
-from .api import daemon_arguments
-from .errors import PmemfsError, UsageError
+from .api import daemon_arguments, log_arguments
+from .errors import MountError, PmemfsError, UsageError
 from .mount import Mount
 from .options import DEFAULT_SPIN_US, MAX_SPIN_US, MAX_WORKERS, default_workers
 from .sizes import format_size, parse_size
+
+# typing.TYPE_CHECKING would load typing (mount.py says why not); type checkers know the name.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .replay import EachPoint
+
+# What replay --each says to COMMAND, and its kinds of points (replay.py has the same; kept here so
+# that --help loads no numpy).
+KINDS = ("flush", "write", "mark")
+REPLAY_ENVIRONMENT = (
+    "PMEMFS_REPLAY_IMAGE (the image COMMAND checks), PMEMFS_REPLAY_DATAOFF (where its data area starts: 0 "
+    "for a copy of pmem0), PMEMFS_REPLAY_SIZE (the data area's size), PMEMFS_REPLAY_POINT, "
+    "PMEMFS_REPLAY_ENTRY (the last entry applied), PMEMFS_REPLAY_LOG; with --mount also "
+    "PMEMFS_REPLAY_PMEM0 and PMEMFS_REPLAY_MOUNTPOINT"
+)
 
 # Commands that read or write images import numpy (through region.py): they do it themselves, so
 # that the commands every test and script runs most (status, umount) start in a tenth of the time.
@@ -120,12 +135,15 @@ def cmd_mount(args: argparse.Namespace) -> str | None:
             serving_mode=args.serve,
             workers=args.workers,
             spin_us=args.spin_us,
+            log_writes=os.path.abspath(args.log_writes) if args.log_writes else None,
+            log_writes_max=args.log_writes_max,
         )
         if code:
             sys.exit(code)
         return None
     daemon_args = daemon_arguments(args.serve, args.workers, args.spin_us)
     daemon_args += () if args.track_references else ("--no-references",)
+    daemon_args += log_arguments(args.log_writes, args.log_writes_max)
     from .views.progress import open_progress
 
     with open_progress("mount", quiet=args.quiet, delay_s=0) as progress:
@@ -134,7 +152,10 @@ def cmd_mount(args: argparse.Namespace) -> str | None:
         )
     pid = started.pid
     if not args.loop:
-        return f"mounted {args.image} at {args.mountpoint} (daemon pid {pid})"
+        return f"mounted {args.image} at {args.mountpoint} (daemon pid {pid}){_mount_notes(args)}"
+    notes = _mount_notes(args)
+    if notes:  # stdout is the device's name alone: scripts read it
+        print(f"pmemfs: mounted {args.image} at {args.mountpoint}{notes}", file=sys.stderr)
     try:
         device = client.attach_loop(args.mountpoint)
     except PmemfsError:
@@ -142,6 +163,92 @@ def cmd_mount(args: argparse.Namespace) -> str | None:
         raise
     print(device)
     return None
+
+
+def _mount_notes(args: argparse.Namespace) -> str:
+    """What a user should know of a mount just made: an unclean shutdown before it (the dirty
+    shutdown count ndctl shows), and where its writes are logged."""
+    notes = ""
+    if args.log_writes:
+        notes += f"; logging writes to {args.log_writes}"
+    with contextlib.suppress(PmemfsError):
+        status = client.read_status(args.mountpoint)
+        if status["previous_shutdown"] == "unclean":
+            notes += f"; it was not shut down cleanly before (unclean shutdowns: {status['unclean_shutdowns']})"
+    return notes
+
+
+def cmd_crash(args: argparse.Namespace) -> str | None:
+    mountpoint = os.path.abspath(args.mountpoint)
+    if not client.fuse_mount_entry(mountpoint):
+        raise MountError(f"{mountpoint} is not mounted")
+    if client.mount_is_dead(mountpoint):
+        client.cleanup_after_power_cut(mountpoint)
+        return f"cleaned up {mountpoint}: its daemon had died already (the next mount counts an unclean shutdown)"
+    status = client.read_status(mountpoint)
+    stopped = client.power_cut(status["image"], mountpoint, int(status["pid"]))
+    for line in client.cleanup_after_power_cut(mountpoint):
+        print(line)
+    write_log = status.get("write_log")
+    logged = f"; the write log {write_log['path']} ends at the last write that completed" if write_log else ""
+    return (
+        f"crashed {mountpoint}: serving processes {', '.join(map(str, stopped))} stopped at once; dax0 stores "
+        f"never flushed are lost; {status['image']} counts an unclean shutdown at its next mount{logged}"
+    )
+
+
+def cmd_mark(args: argparse.Namespace) -> str | None:
+    Mount(args.mountpoint).mark(args.name)
+    return f"marked {args.name!r} in the write log of {args.mountpoint}"
+
+
+def cmd_replay(args: argparse.Namespace) -> str | None:
+    from . import replay
+
+    chosen = [name for name in ("to", "entry", "flush", "each") if getattr(args, name) is not None]
+    if len(chosen) != 1:
+        raise UsageError("replay needs one of --to MARK, --entry N, --flush N or --each KIND")
+    if args.each is None and (args.command_args or args.mount or args.copy or args.reorder or args.from_mark):
+        raise UsageError("-- COMMAND, --from, --copy, --mount and --reorder go with --each")
+    if args.reorder and args.each != "flush":
+        raise UsageError("--reorder goes with --each flush: it draws which writes between two flushes landed")
+    with replay.opened(args.log, args.image) as (reader, target):
+        summary = replay.log_summary(reader)
+        if args.each is None:
+            last = replay.entry_at(reader, mark=args.to, entry=args.entry, flush=args.flush)
+            replay.replay_to(reader, target, last)
+            return (
+                f"replayed entries 0-{last} of {args.log} (to {reader.entries[last].describe()}; the log has "
+                f"{summary}) into {args.image}, a {target.kind}"
+            )
+        start = replay.find_mark(reader, args.from_mark).index if args.from_mark else 0
+        with replay.Checker(args.command_args, target, reader, mount=args.mount, copy=args.copy) as checker:
+            each = replay.EachPoint(reader, target, checker, args.each, start, args.reorder, args.seed)
+            return _replay_each(args, each, summary)
+
+
+def _replay_each(args: argparse.Namespace, each: EachPoint, summary: str) -> str:
+    print(f"{args.log}: {summary}", flush=True)
+    print(
+        f"checking {args.image} ({each.target.kind}) at each {args.each} point"
+        + (f" from mark {args.from_mark!r} (entry {each.start})" if args.from_mark else "")
+        + (", on a scratch copy each time" if args.copy or args.mount else ""),
+        flush=True,
+    )
+    if args.reorder:
+        print(f"reorder seed {each.seed} (--seed {each.seed} draws the same crash states)", flush=True)
+    failed = each.run()
+    if failed is None:
+        if not each.checked:
+            raise PmemfsError(f"{args.log} has no {args.each} point to check from entry {each.start}")
+        return f"COMMAND passed at all {each.checked} points"
+    for line in each.describe_failure(failed):
+        print(line)
+    point = failed.point
+    raise PmemfsError(
+        f"COMMAND failed at point {point.number} (entry {point.last}, {point.what}; it covers "
+        f"{point.covering()}): {args.image} holds the media at that point"
+    )
 
 
 def cmd_umount(args: argparse.Namespace) -> str | None:
@@ -186,6 +293,16 @@ def format_status(status: dict) -> str:
         + (
             [f"  stale references reset at mount: {status['stale_references']['pages']} page(s)"]
             if status["stale_references"]["pages"]
+            else []
+        )
+        + (
+            [
+                "  write log {path}: {entries} entries ({writes} writes, {flushes} flushes, {marks} marks), "
+                "{bytes} of {max_bytes} bytes{full}".format(
+                    **{**status["write_log"], "full": ", FULL: writes fail" if status["write_log"]["full"] else ""}
+                )
+            ]
+            if status.get("write_log")
             else []
         )
     )
@@ -370,9 +487,84 @@ def build_parser() -> argparse.ArgumentParser:
         "sleeps, in microseconds; it saves a wake-up per request at queue depth 1 "
         f"(default {DEFAULT_SPIN_US}; 0: never)",
     )
+    mount.add_argument(
+        "--log-writes",
+        metavar="LOGFILE",
+        help="record every write that reaches the media, every flush and every mark in LOGFILE, in "
+        "dm-log-writes' format (xfstests' replay-log reads it; so does pmemfs replay); LOGFILE must not exist",
+    )
+    mount.add_argument(
+        "--log-writes-max",
+        type=_size,
+        default=1 << 30,
+        metavar="SIZE",
+        help="the write log's size limit (default 1G): once full, the log ends with the mark "
+        "pmemfs-log-full and every write fails with ENOSPC",
+    )
     # For scripts/bench.py: serve without registry bookkeeping, to measure what it costs.
     mount.add_argument("--no-references", dest="track_references", action="store_false", help=argparse.SUPPRESS)
     mount.set_defaults(func=cmd_mount)
+
+    crash = commands.add_parser(
+        "crash", help="a power cut: stop serving at once; unflushed dax0 stores are lost; the next mount says so"
+    )
+    crash.add_argument("mountpoint")
+    crash.set_defaults(func=cmd_crash)
+
+    mark = commands.add_parser("mark", help="add a named mark to the write log (mount --log-writes)")
+    mark.add_argument("mountpoint")
+    mark.add_argument("name", help="printable, no spaces, at most 479 bytes")
+    mark.set_defaults(func=cmd_mark)
+
+    replay = commands.add_parser(
+        "replay",
+        help="rebuild the media at a point of a write log, or run a check at every point",
+        usage="pmemfs replay LOGFILE IMAGE (--to MARK | --entry N | --flush N | --each flush|write|mark "
+        "[--from MARK] [--copy | --mount] [--reorder N [--seed S]] -- COMMAND ...)",
+        description="Apply a write log to IMAGE, which holds the media as it was when the log started: a copy "
+        "of the image made before the mount, or a new image of the same geometry (a missing IMAGE is created "
+        "so), or a plain copy of pmem0 (a file of the data area's size).",
+    )
+    replay.add_argument("log", metavar="LOGFILE")
+    replay.add_argument("image", metavar="IMAGE")
+    replay.add_argument("--to", metavar="MARK", help="up to and including the first mark named MARK")
+    replay.add_argument("--entry", type=int, metavar="N", help="up to and including entry N (from 0, as replay-log)")
+    replay.add_argument("--flush", type=int, metavar="N", help="up to and including the N-th flush (from 1)")
+    replay.add_argument(
+        "--each",
+        choices=KINDS,
+        help="run COMMAND at every flush, write (data or zero) or mark, stopping at the first that fails",
+    )
+    replay.add_argument("--from", dest="from_mark", metavar="MARK", help="with --each: only points from MARK on")
+    replay.add_argument(
+        "--copy",
+        action="store_true",
+        help="with --each: COMMAND gets a scratch copy of IMAGE at each point, which it may change "
+        "(replay a journal, then check)",
+    )
+    replay.add_argument(
+        "--mount",
+        action="store_true",
+        help="with --each: mount a scratch copy of IMAGE at each point; COMMAND gets its pmem0 and may change it",
+    )
+    replay.add_argument(
+        "--reorder",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --each flush: also N crash states per flush where only some of the writes since the "
+        "previous point landed",
+    )
+    replay.add_argument("--seed", type=int, help="the seed of --reorder's draws (printed when not given)")
+    replay.epilog = (
+        "Everything after -- is COMMAND. {} in it becomes the replayed IMAGE's path (with --copy: a scratch "
+        "copy's; with --mount: the pmem0 of a mounted scratch copy). Its environment also has "
+        + REPLAY_ENVIRONMENT
+        + ". Without --copy or --mount, COMMAND must not change IMAGE (a read-only "
+        "check: fsck.ext4 -fn {}). Exit status 1 at the first point where COMMAND fails, with IMAGE left at "
+        "that point."
+    )
+    replay.set_defaults(func=cmd_replay)
 
     umount = commands.add_parser("umount", help="unmount and mark the image clean")
     umount.add_argument("mountpoint")
@@ -456,7 +648,7 @@ def _quiet(command: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # What follows `--` is a command for `pmemfs pin` to run, not for argparse to read.
+    # What follows `--` is a command for `pmemfs pin` or `replay` to run, not for argparse to read.
     command_args = argv[argv.index("--") + 1 :] if "--" in argv else []
     parser = build_parser()
     args = parser.parse_args(argv[: len(argv) - len(command_args) - (1 if "--" in argv else 0)])

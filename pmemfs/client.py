@@ -341,6 +341,36 @@ def kill_daemon(image: str, mountpoint: str, pid: int | None = None, *, timeout_
     return sorted(killed)
 
 
+def power_cut(image: str, mountpoint: str, pid: int) -> list[int]:
+    """Stop serving ``image`` at ``mountpoint`` at once, as a power cut would, and return the pids.
+
+    Every serving process is stopped (SIGSTOP) before any is killed, so that nothing more reaches
+    the image once the cut begins: not another request, not a writeback of ``dax0``'s page cache
+    (those stores are lost, as unflushed stores are). A store under way when its process stopped
+    is cut where it was. Then SIGKILL, as :func:`kill_daemon`: the header stays marked in use, so
+    the next mount counts an unclean shutdown. The mount is left dead (:func:`cleanup_after_power_cut`).
+    """
+    for victim in sorted({pid, *daemon_processes(image, mountpoint)}):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGSTOP)
+    return kill_daemon(image, mountpoint, pid)
+
+
+def cleanup_after_power_cut(mountpoint: str) -> list[str]:
+    """Take down what went with the power: a filesystem mounted from a loop device over ``pmem0`` is
+    unmounted lazily (its device is gone; it cannot be unmounted cleanly), then the loop devices
+    and the dead mount are cleared. Returns what was unmounted, as lines to show."""
+    pmem0 = os.path.join(os.path.abspath(mountpoint), "pmem0")
+    mounted = _mounted_devices()
+    taken: list[str] = []
+    for device in loop_devices_for(pmem0):
+        if device in mounted:
+            subprocess.run(["umount", "-l", mounted[device]], capture_output=True)
+            taken.append(f"{mounted[device]} (from {device}) was unmounted lazily")
+    cleanup_dead_mount(mountpoint)
+    return taken
+
+
 def open_files(mountpoint: str) -> int:
     """How many pmem0/dax0 handles the daemon has open (a mapping holds one until it is unmapped)."""
     return int(read_status(mountpoint).get("open_files", 0))
@@ -419,12 +449,15 @@ class PinSession:
         except OSError as err:
             raise MountError(f"cannot open {path}: {err.strerror} (is {mountpoint} a pmemfs mount?)") from None
 
-    def _command(self, command: str, what: str) -> None:
+    def _command(self, command: str, what: str, errors: dict[int, str] | None = None) -> None:
         try:
             os.write(self.fd, command.encode())
         except OSError as err:
-            hint = PIN_ERRORS.get(err.errno or 0, err.strerror or "error")
+            hint = (errors or PIN_ERRORS).get(err.errno or 0, err.strerror or "error")
             raise PmemfsError(f"{what}: {hint}", errno=err.errno) from None
+
+    def mark(self, name: str) -> None:
+        self._command(f"mark {name}", f"mark {name!r}", MARK_ERRORS)
 
     def pin(self, file: str, offset: int, length: int, *, longterm: bool = False) -> dict[str, object]:
         before = {p["id"] for p in self.pins()}
@@ -531,6 +564,13 @@ PIN_ERRORS = {
     errno.EINVAL: "invalid request: the range must lie inside the data area",
     errno.ENOSPC: "no space: the image's filesystem, or the badblocks table, is full",
     errno.EBUSY: "pages in the range are referenced",
+}
+
+
+MARK_ERRORS = {
+    errno.ENODEV: "this mount records no write log (mount it with --log-writes LOGFILE)",
+    errno.ENOSPC: "the write log is full",
+    errno.EINVAL: "not a mark name: printable characters without spaces, at most 479 bytes",
 }
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from .badblocks import BadBlocks
 from .counters import FILE_IO_COUNTERS, IO_COUNTERS
 from .holders import holders_by_range
+from .logwrites import WriteLog
 from .loops import loop_devices_for
 from .pages import PageRegistry
 from .region import Region
@@ -37,6 +38,7 @@ def control_files(
     log_path: str | None,
     stale: list[dict[str, int]],
     serving: Callable[[], dict[str, object]],
+    write_log: WriteLog | None = None,
 ) -> list[ControlFile]:
     pmem0_path = os.path.join(mountpoint, "pmem0")
     # Rendered in whichever serving process gets the request: name the daemon (this process,
@@ -65,6 +67,7 @@ def control_files(
                 "open_files": counters["data_opens"] - counters["data_releases"],
                 "registry": registry.statistics(),
                 "coordination": registry.coordination(),
+                "write_log": write_log.statistics() if write_log else None,
             }
         )
 

@@ -6,12 +6,13 @@ Run as ``python -P -m pmemfs.daemon IMAGE MOUNTPOINT`` by ``pmemfs mount``; the 
 
 Everything is built once, in order, on one exit stack that unwinds it on any failure: how to
 serve (decided before anything else, so ``status`` shows what runs), the region (with the state
-its serving processes will share, shared.py), the registry, the badblocks table, the pin
-sessions, the control files, the tree, the kernel's mount. Until the kernel has the mount,
-nothing is written to the image, so a mount that fails leaves it byte for byte as it was. Only
-then is it marked dirty (and the mount counted), and only then are the registry records of a
-daemon that died reset. On the way out: unmount, reset the records (no file is open, so no
-reference is left), mark the image clean if this daemon marked it dirty.
+its serving processes will share, shared.py), the registry, the badblocks table, the write log
+when one is asked (logwrites.py; a mount that fails removes it), the pin sessions, the control
+files, the tree, the kernel's mount. Until the kernel has the mount, nothing is written to the
+image, so a mount that fails leaves it byte for byte as it was. Only then is it marked dirty (and
+the mount counted), and only then are the registry records of a daemon that died reset. On the
+way out: unmount, end the write log, reset the records (no file is open, so no reference is
+left), mark the image clean if this daemon marked it dirty.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from .control import control_files
 from .errors import PmemfsError
 from .fs import PmemOperations
 from .infoblock import SECTOR_SIZE
+from .logwrites import DEFAULT_MAX_BYTES as DEFAULT_LOG_MAX_BYTES
+from .logwrites import WriteLog
 from .memmap import open_registry, reset_records
 from .pages import PageRegistry
 from .region import Region
@@ -64,6 +67,8 @@ def run(
     serving_mode: str = "fast",
     workers: int = 1,
     spin_us: int = serving.DEFAULT_SPIN_US,
+    log_writes: str | None = None,
+    log_writes_max: int = DEFAULT_LOG_MAX_BYTES,
 ) -> int:
     """Serve IMAGE at MOUNTPOINT until unmounted; return the process exit code.
 
@@ -91,14 +96,21 @@ def run(
         registry, stale = open_registry(region, previous_epoch, epoch, region.shared, progress)
         stack.callback(_reset_records_if_served, region, state)
         badblocks = BadBlocks(region.data_size // SECTOR_SIZE, region.badblock_store(), region.shared)
-        sessions = PinSessions(registry, region, badblocks)
+        write_log = None
+        if log_writes is not None:
+            try:
+                write_log = WriteLog.create(log_writes, region, region.shared, log_writes_max)
+            except PmemfsError as err:
+                return _fail_start(ready_fd, str(err))
+            stack.callback(_close_write_log, write_log, state)
+        sessions = PinSessions(registry, region, badblocks, write_log)
         ops = PmemOperations(
             region, registry, badblocks, sessions,
             control_files(
                 region=region, registry=registry, badblocks=badblocks, mountpoint=mountpoint, log_path=log_path,
-                stale=stale, serving=lambda: {**plan.as_dict(), "pid": os.getpid()},
+                stale=stale, serving=lambda: {**plan.as_dict(), "pid": os.getpid()}, write_log=write_log,
             ),
-            track_references=track_references,
+            track_references=track_references, write_log=write_log,
         )  # fmt: skip
         faults.install({"region": region, "registry": registry, "badblocks": badblocks, "sessions": sessions})
         try:
@@ -150,6 +162,14 @@ def _reset_records_if_served(region: Region, state: _Lifecycle) -> None:
     if state.served:
         # No file is open any more, so no reference is left: give the carve-out back in one go.
         reset_records(region)
+
+
+def _close_write_log(write_log: WriteLog, state: _Lifecycle) -> None:
+    """End the log as a clean unmount does; a mount that never started takes its empty log away."""
+    write_log.close(clean=state.served)
+    if not state.marked_dirty:
+        with contextlib.suppress(OSError):
+            os.unlink(write_log.path)
 
 
 def _end_transfer_hook(registry: PageRegistry) -> Callable[[], None]:
@@ -221,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serve", choices=("fast", "trio"), default="fast")
     parser.add_argument("--workers", type=int, default=serving.default_workers())
     parser.add_argument("--spin-us", type=int, default=serving.DEFAULT_SPIN_US)
+    parser.add_argument("--log-writes", help="record every write, flush and mark in this dm-log-writes log")
+    parser.add_argument("--log-writes-max", type=int, default=DEFAULT_LOG_MAX_BYTES)
     # Where the CLI that started us runs pmemfs from: the daemon must run the same code.
     parser.add_argument("--package-dir")
     args = parser.parse_args(argv)
@@ -245,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         serving_mode=args.serve,
         workers=args.workers,
         spin_us=args.spin_us,
+        log_writes=args.log_writes,
+        log_writes_max=args.log_writes_max,
     )
 
 

@@ -42,6 +42,12 @@ class DaxMapping:
             raise InvalidRange(
                 f"range {offset}+{length}: must start on a page and lie inside the {data_size}-byte data area"
             )
+        if status.get("write_log"):
+            raise PmemfsError(
+                f"{mountpoint} records a write log: stores into a direct mapping of the image never reach the "
+                "daemon, so the log could not hold them; map dax0 instead (msync makes its stores durable)",
+                errno=errno.EOPNOTSUPP,
+            )
         if os.stat(image).st_uid != os.geteuid():
             raise PmemfsError(f"{image}: only the owner of the image may map it directly", errno=errno.EACCES)
         self.mountpoint = mountpoint

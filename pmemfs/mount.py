@@ -104,6 +104,12 @@ class Mount:
             session.clear_errors()
         return before
 
+    def mark(self, name: str) -> None:
+        """Add the mark ``name`` to the write log (a mount made with ``log_writes``): what
+        ``pmemfs replay --to NAME`` replays to, and xfstests' ``_log_writes_mark`` does."""
+        with client.PinSession(self.mountpoint) as session:
+            session.mark(name)
+
     def zero(
         self, offset: int, length: int, *, timeout_s: float = 30.0, progress: client.Progress = client.no_progress
     ) -> None:

@@ -5,6 +5,7 @@ A session is one open file description. The client writes one command per write(
     pin FILE OFFSET LENGTH [longterm]   pin the pages under the byte range of pmem0 or dax0
     unpin ID                            drop one of this session's pins
     zero OFFSET LENGTH                  bulk-zero a byte range; EBUSY while a page of it is referenced
+    mark NAME                           add a named mark to the write log (mount --log-writes)
     inject SECTOR COUNT                 poison 512-byte sectors (ndctl inject-error)
     uninject SECTOR COUNT               forget poisoned sectors without touching the data
     clear-errors                        zero every poisoned sector, clearing the poison
@@ -22,12 +23,15 @@ reference that this session killed.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import functools
 import logging
 import os
 
 from .badblocks import BadBlocks
 from .errors import InvalidRange, LongtermNotSupported, PageBusy, PmemfsError, SessionCommandError
 from .infoblock import PAGE_SIZE, SECTOR_SIZE
+from .logwrites import WriteLog
 from .pages import Holder, Kind, PageRegistry
 from .region import Region
 
@@ -47,11 +51,16 @@ class Session:
 
 
 class PinSessions:
-    def __init__(self, registry: PageRegistry, region: Region, badblocks: BadBlocks) -> None:
+    def __init__(
+        self, registry: PageRegistry, region: Region, badblocks: BadBlocks, write_log: WriteLog | None = None
+    ) -> None:
         self.registry = registry
         self.region = region
         self.badblocks = badblocks
         self.data_size = region.data_size
+        self.write_log = write_log
+        # A zero (and so clearing poison) reaches the media as a write does: logged when a log is asked.
+        self._zero = write_log.zero if write_log else functools.partial(region.zero, flush=False)
 
     def _check_range(self, offset: int, length: int) -> None:
         if offset < 0 or length <= 0 or offset + length > self.data_size:
@@ -84,6 +93,11 @@ class PinSessions:
             sector, count = _number(args[0]), _number(args[1])
             (self.badblocks.add if verb == "inject" else self.badblocks.clear)(sector, count)
             self.registry.trace(verb, session.pid, "pmem0", 0, 0, f"sectors {sector}+{count}")
+        elif verb == "mark" and len(args) == 1:
+            if self.write_log is None:
+                raise PmemfsError("this mount has no write log (mount with --log-writes LOGFILE)", errno=errno.ENODEV)
+            self.write_log.mark(args[0])
+            self.registry.trace("session", session.pid, "", 0, 0, f"write log mark {args[0]}")
         elif verb == "clear-errors" and not args:
             self.clear_errors(session)
         elif verb == "trace-io" and args in (["on"], ["off"]):
@@ -136,7 +150,7 @@ class PinSessions:
                 holders = self.registry.holders_of(busy)
                 who = f" held by pid {holders[0].pid} ({holders[0].kind.value} on {holders[0].file})" if holders else ""
                 raise PageBusy(f"page {busy} (offset {busy * PAGE_SIZE}) is busy{who}")
-            self.region.zero(offset, length, flush=False)
+            self._zero(offset, length)
         self.region.flush()
         self.badblocks.clear_whole_sectors(offset, length)
         self.registry.trace("zero", session.pid, "pmem0", pfn, npages, f"bytes {offset}+{length}")

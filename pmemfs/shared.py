@@ -25,7 +25,7 @@ Protocol (what every module that touches this memory relies on):
 The primitives built on this memory, each owning its cells: the device reference and the opens
 hold (device.py), the I/O gate and the zero gate (gates.py), the holder table (holders.py), the
 trace rings (trace.py), the snapshot slots (snapshots.py), the file-handle codec (handles.py),
-the counters (counters.py) and :class:`Generation` here.
+the counters (counters.py), the write log's cells (logwrites.py) and :class:`Generation` here.
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ TRACE_EVENTS = 4096  # per column
 TRACE_NOTE = 48
 # Control-file snapshots at once, over all serving processes (the file handle's slot field holds slot + 1).
 SNAPSHOT_SLOTS = 4095
+# The write log's cells (logwrites.py): where the next entry goes, how many are committed, counters.
+WRITELOG_WORDS = 8
 
 # The cells: one row of named int64 words. The I/O gate is one word that the I/O path reads at
 # once (0: nothing to check) and that three conditions write a byte each: the overlap is declared
@@ -138,6 +140,8 @@ def layout(record_chunks: int, image_pages: int) -> tuple[Area, ...]:
         Area("backed", np.dtype("u1"), (record_chunks,)),
         # Which pages of the image are known to have their blocks (region.py, "Allocation").
         Area("known", np.dtype("u1"), (image_pages,)),
+        # The write log's cells, changed only under Lock.WRITELOG (logwrites.py).
+        Area("writelog", np.dtype("<i8"), (WRITELOG_WORDS,)),
     )
 
 
@@ -149,6 +153,7 @@ class Lock(enum.IntEnum):
     BACKING = 2  # a chunk of page records goes from unbacked to backed (image or spill)
     SNAPSHOTS = 3  # a snapshot slot is claimed, or heap space handed out, or a row swapped
     BADBLOCKS = 4  # the badblocks table in the image header is read or rewritten
+    WRITELOG = 5  # a logged store and its log entry: reserve, store, commit (logwrites.py)
 
 
 class CrossProcessLock:
