@@ -128,7 +128,9 @@ def finish(processes: list[subprocess.Popen], timeout_s: float) -> tuple[list[st
     return hung, said
 
 
+# Durability is the image's and the registry's, whichever loop served: the soak runs in the default one.
 @pytest.mark.usefixtures("serving_mode")
+@pytest.mark.parametrize("serving_mode", ["fast"], indirect=True)
 def test_kill_9_soak_loses_no_acknowledged_write(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Attacks durability across daemon deaths: cycles of mount, two O_DIRECT writer processes, kill -9 of
     every serving process after a random 0.2-1.0 s, `pmemfs umount` of the dead mount, remount; every write
@@ -266,7 +268,9 @@ def test_kill_9_of_one_worker_under_load_hangs_no_client_and_loses_nothing(tmp_p
     assert registry["referenced_pages"] == 0, registry
 
 
+# The remount's scan runs before any loop serves: one serving mode is enough.
 @pytest.mark.usefixtures("serving_mode")
+@pytest.mark.parametrize("serving_mode", ["fast"], indirect=True)
 def test_remount_after_kill_9_is_bounded_on_a_1_tib_image(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Attacks the registry's footprint: one 4 KiB O_DIRECT read every 128 MiB of a 1 TiB image (8064 reads)
     must leave the image sparse (under 64 MiB allocated), and after kill -9 and a dropped page cache the

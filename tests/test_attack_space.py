@@ -226,6 +226,8 @@ DAX0_SUM = textwrap.dedent(
 )
 
 
+# How the loop serves requests does not change what the image allocates or keeps: fast only.
+@pytest.mark.parametrize("serving_mode", ["fast"], indirect=True)
 @pytest.mark.parametrize("fs", ["tmpfs", "ext4"])
 def test_reading_never_allocates_in_the_data_area(tmp_path, fs: str) -> None:  # type: ignore[no-untyped-def]
     """Attacks the read path's side effects: whole-device reads of pmem0 (dd O_DIRECT and buffered) and of
@@ -297,6 +299,8 @@ def test_a_4k_write_allocates_about_4k(tmp_path, pattern: str) -> None:  # type:
         assert grown < limit, f"{grown / MiB:.1f} MiB allocated for {written * PAGE / MiB:.1f} MiB written"
 
 
+# How the loop serves requests does not change what the image allocates or keeps: fast only.
+@pytest.mark.parametrize("serving_mode", ["fast"], indirect=True)
 def test_random_writes_over_a_whole_range_leave_it_in_few_extents(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Attacks fragmentation: every page of 64 MiB written once, in random order, with 4 KiB O_DIRECT
     writes, then fsync. Allocating each page ahead of its store (fallocate) left one extent a page,

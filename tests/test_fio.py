@@ -38,7 +38,12 @@ WRITERS = {
 }
 
 
-@pytest.mark.parametrize("engine", list(WRITERS))
+# Every engine in the default loop; the trio loop once, at depth (its other paths are the same handlers).
+@pytest.mark.parametrize(
+    "serving_mode, engine",
+    [("fast", engine) for engine in WRITERS] + [("trio", "libaio-qd16")],
+    indirect=["serving_mode"],
+)
 def test_fio_randwrite_verifies_then_verifies_again_after_remount(mount: Mount, engine: str) -> None:
     job = ["--name=verify", "--rw=randwrite", "--bsrange=4k-128k", "--offset=32M", *WRITERS[engine]]
     report = fio(mount.pmem0, *job, "--do_verify=1")
