@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import pytest
 from conftest import PAGE, SERVING_MODE, DirectFile, Mount, create_image, mounted, pmemfs, serving_pids, wait_for
 
-from pmemfs.client import PinSession, read_status
+from pmemfs.client import PinSession, poll_until, read_status
 
 MiB = 1 << 20
 # What a bad control write may get: EINVAL, or the errno of a command that was valid and refused.
@@ -122,10 +122,13 @@ def fill_trace(mount: Mount, threads: int) -> int:
     for t in workers:
         t.start()
     try:
-        while any(t.is_alive() for t in workers):
-            time.sleep(0.25)
-            if len(read_whole(control(mount, "trace"))) > 1.05 * MiB:
-                break
+        # Reading the whole trace costs a MiB: look four times a second, and give up after a minute.
+        filled = poll_until(
+            lambda: not any(t.is_alive() for t in workers) or len(read_whole(control(mount, "trace"))) > 1.05 * MiB,
+            timeout_s=60,
+            interval_s=0.25,
+        )
+        assert filled, "the sessions neither finished nor filled the trace within 60 s"
     finally:
         stop.set()
         for t in workers:

@@ -58,20 +58,20 @@ def umount_timed(mount: Mount) -> tuple[subprocess.CompletedProcess[str], float]
 HOLDERS = {
     # Holds pmem0 open and does nothing.
     "pmem0 open": """
-        import os, sys, time
+        import os, signal, sys
         fd = os.open(sys.argv[1] + "/pmem0", os.O_RDONLY)
         print("ready", flush=True)
-        time.sleep(60)
+        signal.pause()  # until the test kills it
     """,
     # Maps dax0 and closes the file: only the mapping keeps it in use.
     "dax0 mapped": """
-        import mmap, os, sys, time
+        import mmap, os, signal, sys
         fd = os.open(sys.argv[1] + "/dax0", os.O_RDWR)
         m = mmap.mmap(fd, 1 << 20, mmap.MAP_SHARED)
         os.close(fd)
         m[0] = 1
         print("ready", flush=True)
-        time.sleep(60)
+        signal.pause()  # until the test kills it
     """,
 }
 

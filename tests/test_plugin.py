@@ -247,7 +247,10 @@ def test_interrupted_teardown(pmem):
     # SIGKILL: nothing runs, the daemon (in a session of its own) serves on; the next run takes it down.
     ready = pytester.path / "mounted"
     pytester.makepyfile(
-        test_killed=f"import time\ndef test_killed(pmem):\n    open({str(ready)!r}, 'w').close()\n    time.sleep(60)\n"
+        # It holds its region until the SIGKILL below.
+        test_killed=(
+            f"import signal\ndef test_killed(pmem):\n    open({str(ready)!r}, 'w').close()\n    signal.pause()\n"
+        ),
     )
     killed = subprocess.Popen(
         [sys.executable, "-m", "pytest", *BASE, "--basetemp", str(pytester.path / "killed"), "test_killed.py"],
