@@ -40,7 +40,10 @@ FILE_IO_COUNTERS = tuple(f"{file}_{what}" for what in PER_FILE for file in DATA_
     "direct_read_bytes",
     "direct_write_bytes",
 )
-COUNTERS = REGISTRY_COUNTERS + IO_COUNTERS + HANDLE_COUNTERS + FILE_IO_COUNTERS
+# The totals over both files are sums of the per-file counters, made when read: the I/O path
+# counts a request once, in its file's slots.
+DERIVED = {what: tuple(f"{file}_{what}" for file in DATA_FILES) for what in PER_FILE}
+COUNTERS = REGISTRY_COUNTERS + tuple(n for n in IO_COUNTERS if n not in DERIVED) + HANDLE_COUNTERS + FILE_IO_COUNTERS
 COUNTER = {name: i for i, name in enumerate(COUNTERS)}
 assert len(COUNTERS) <= COUNTER_SLOTS
 
@@ -61,8 +64,10 @@ class Counters:
         return self._rows[column].data.cast("B").cast("q")
 
     def totals(self) -> dict[str, int]:
-        totals = self._rows.sum(axis=0)
-        return {name: int(totals[i]) for i, name in enumerate(COUNTERS)}
+        sums = self._rows.sum(axis=0)
+        totals = {name: int(sums[i]) for i, name in enumerate(COUNTERS)}
+        totals.update({what: sum(totals[name] for name in per_file) for what, per_file in DERIVED.items()})
+        return totals
 
     def open_data_files(self) -> int:
         """pmem0/dax0 handles open now, over all serving processes (a mapping holds one until unmapped)."""

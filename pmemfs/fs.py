@@ -34,7 +34,7 @@ import pyfuse3
 from . import handles
 from .badblocks import BadBlocks
 from .control import ControlFile
-from .counters import COUNTER, HANDLE_COUNTERS, IO_COUNTERS, file_slot_base
+from .counters import COUNTER, HANDLE_COUNTERS, file_slot_base
 from .errors import PmemfsError
 from .infoblock import PAGE_SIZE, SECTOR_SIZE
 from .logwrites import WriteLog
@@ -64,8 +64,8 @@ CONTROL_WRITE_MAX = 4096
 # about the request (no space), else EIO.
 PASSED_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
-READS, WRITES, READ_BYTES, WRITE_BYTES, DIRECT_READS, DIRECT_WRITES, FSYNCS, ERRORS, INTERNAL_ERRORS = (
-    COUNTER[n] for n in IO_COUNTERS
+DIRECT_READS, DIRECT_WRITES, FSYNCS, ERRORS, INTERNAL_ERRORS = (
+    COUNTER[n] for n in ("direct_reads", "direct_writes", "fsyncs", "errors", "internal_errors")
 )
 DATA_OPENS, DATA_RELEASES = (COUNTER[n] for n in HANDLE_COUNTERS)
 # Per data file: the slot of a file's counter is the base plus the handle's file code.
@@ -340,8 +340,6 @@ class PmemOperations(pyfuse3.Operations):
                 # transfer once it is out (pages.py).
                 self.registry.begin_transfer(handle.direct, handle.pid, handle.file_code, off, size)
             ctr = self.registry.counter_row
-            ctr[READS] += 1
-            ctr[READ_BYTES] += size
             file_code = handle.file_code
             ctr[FILE_READS + file_code] += 1
             ctr[FILE_READ_BYTES + file_code] += size
@@ -383,8 +381,6 @@ class PmemOperations(pyfuse3.Operations):
             if poisoned:
                 self.badblocks.clear_written(off, size)
             ctr = self.registry.counter_row
-            ctr[WRITES] += 1
-            ctr[WRITE_BYTES] += size
             file_code = handle.file_code
             ctr[FILE_WRITES + file_code] += 1
             ctr[FILE_WRITE_BYTES + file_code] += size

@@ -30,14 +30,12 @@ the counters (counters.py), the write log's cells (logwrites.py) and :class:`Gen
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import enum
 import fcntl
 import mmap
 import os
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -279,11 +277,6 @@ class SharedState:
 
     def lock(self, which: Lock) -> CrossProcessLock:
         return self.locks[which]
-
-    @contextlib.contextmanager
-    def locked(self, which: Lock) -> Iterator[None]:
-        with self.locks[which]:
-            yield
 
     def statistics(self) -> dict[str, object]:
         return {"locks": {which.name.lower(): lock.statistics() for which, lock in self.locks.items()}}
