@@ -12,7 +12,8 @@ STAMP := .make
 sysdeps:
 	@scripts/install-system-packages $(APT_PACKAGES)
 
-$(STAMP)/venv: pyproject.toml | sysdeps
+# setup.py and the .pyx too: the install compiles pmemfs/transfer.pyx in place.
+$(STAMP)/venv: pyproject.toml setup.py pmemfs/transfer.pyx | sysdeps
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -e '.[test,lint,plot]'
@@ -37,4 +38,4 @@ docs: sysdeps $(STAMP)/venv
 	$(PY) scripts/docs_heatmap.py
 
 clean:
-	rm -rf $(VENV) $(STAMP) build docs/_build
+	rm -rf $(VENV) $(STAMP) build docs/_build pmemfs/*.c pmemfs/*.so

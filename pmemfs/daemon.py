@@ -177,10 +177,11 @@ def _end_transfer_hook(registry: PageRegistry) -> Callable[[], None]:
     transfer it carried ends (pages.py). The loop must never see an exception (it would end the
     process): a transfer that cannot be ended is logged, once, and forgotten."""
     logged = False
+    transfers = registry.transfers
 
     def end_transfer() -> None:
         nonlocal logged
-        while registry.transfer is not None:
+        while transfers.in_flight:
             try:
                 registry.end_transfer()
             except Exception:

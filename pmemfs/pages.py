@@ -16,6 +16,7 @@ undone, ENXIO), and any reference into pages under a zero steps aside until the 
 is out. A write's store is done when its handler returns, so the handler ends it; a read's reply
 is copied out of the mapping after its handler returns, so the serving loop ends it just before
 it reads the next request (``end_transfer``, the loop's ``before_read`` hook in serving.py).
+Both run compiled (transfer.pyx: in CPython they were most of the registry's cost per request).
 A second ``begin_transfer`` while one is in flight is a bug in that contract, and raises.
 """
 
@@ -45,6 +46,7 @@ from .records import (
 )
 from .shared import FILES, Lock, SharedState
 from .trace import WHAT_GET, WHAT_PIN, WHAT_PUT, WHAT_UNPIN, Event, IoTraceSwitch, TraceRing
+from .transfer import Transfers
 
 __all__ = [
     "CHUNK_PAGES",
@@ -100,16 +102,22 @@ class PageRegistry:
         self.io_trace = IoTraceSwitch(self.shared, self.io_gate)
         # The hot path reads these directly: a method call per check would cost as much as the check.
         self._gate_words, self._gate_word = self.io_gate.words, self.io_gate.word
-        self._backed_bytes = self.store.backed_bytes
-        self.transfer: Transfer | None = None
+        self.transfers = Transfers(
+            self, backed=self.shared.array("backed"), words=self._gate_words, gate_word=self._gate_word,
+            page_shift=PAGE_SHIFT, chunk_shift=CHUNK_SHIFT, pin_bias=GUP_PIN_COUNTING_BIAS, in_image=IN_IMAGE,
+            counter_slots=(NR_PIN_ACQUIRED, NR_PIN_RELEASED, NR_GET_PAGE, NR_PUT_PAGE),
+        )  # fmt: skip
+        # Instance attributes, so that a handler's call goes straight to the compiled method.
+        self.begin_transfer = self.transfers.begin
+        self.end_transfer = self.transfers.end
         self.set_column(column)
 
     def set_column(self, column: int) -> None:
         """Become serving process ``column``."""
         self.column = column
         self.store.set_column(column)
-        self._own_in_image = self.store.own_in_image
         self.counter_row = self.counters.row(column)
+        self.transfers.bind(self.store.own_in_image, self.counter_row)
         self.holder_table.set_column(column)
         self.ring.set_column(column)
 
@@ -194,64 +202,35 @@ class PageRegistry:
     def holders(self, *, session: int | None = None) -> list[Holder]:
         """Every holder (with ``session``, that session's), and this process's transfer in flight."""
         found = self.holder_table.holders(session=session)
-        if session is None and self.transfer is not None:
-            pin, pid, file, pfn, npages, since = self.transfer
+        transfer = self.transfers.transfer
+        if session is None and transfer is not None:
+            pin, pid, file, pfn, npages, since = transfer
             found.append(Holder(0, pid, FILES[file], pfn, npages, Kind.PIN if pin else Kind.GET, since))
         return sorted(found, key=lambda h: (h.pfn, h.id))
 
     def holders_of(self, pfn: int, npages: int = 1) -> list[Holder]:
         return [h for h in self.holders() if h.pfn < pfn + npages and pfn < h.pfn + h.npages]
 
-    # The I/O path. The one-page case with its record already in the image (most 4k transfers)
-    # touches nothing but memoryview items.
-    def begin_transfer(self, pin: bool, pid: int, file: int, off: int, size: int) -> None:
-        """Reference the pages of bytes [off, off + size) for the request being served: a pin for
-        direct I/O, get_page for the page cache. Ended by :meth:`end_transfer`."""
-        if self.transfer is not None:
-            raise AssertionError(f"a serving process began a second transfer with {self.transfer} in flight")
-        pfn = off >> PAGE_SHIFT
-        npages = ((off + size - 1) >> PAGE_SHIFT) - pfn + 1
-        delta = GUP_PIN_COUNTING_BIAS if pin else 1
-        if npages == 1 and self._backed_bytes[pfn >> CHUNK_SHIFT] == IN_IMAGE:
-            self._own_in_image[pfn] += delta
-        else:
-            self.store.add(pfn, npages, delta)
-        since = 0
-        if self._gate_words[self._gate_word]:
-            self._through_gate(pin, pfn, npages, delta)
-            if self.io_trace.on:
-                since = time.time_ns()
-                self.ring.record(since, WHAT_PIN if pin else WHAT_GET, pid, file, pfn, npages)
-        if pin:
-            self.counter_row[NR_PIN_ACQUIRED] += npages
-        else:
-            self.counter_row[NR_GET_PAGE] += npages
-        self.transfer = (pin, pid, file, pfn, npages, since)
+    # The I/O path: begin_transfer and end_transfer are transfer.Transfers's (compiled), which
+    # calls back into these for all but the common case.
+    def _behind_closed_gate(self, pin: bool, pid: int, file: int, pfn: int, npages: int, delta: int) -> int:
+        """A transfer's reference is stored and the gate was closed: pass it; return the time the
+        transfer was traced at, or 0."""
+        self._through_gate(pin, pfn, npages, delta)
+        if not self.io_trace.on:
+            return 0
+        since = time.time_ns()
+        self.ring.record(since, WHAT_PIN if pin else WHAT_GET, pid, file, pfn, npages)
+        return since
 
-    def end_transfer(self) -> None:
-        """Drop the reference of the transfer in flight, if any: its reply is out."""
-        transfer = self.transfer
-        if transfer is None:
-            return
-        self.transfer = None  # first: a transfer that cannot be ended is not ended twice
-        pin, pid, file, pfn, npages, _ = transfer
-        if pin:
-            delta = GUP_PIN_COUNTING_BIAS
-            self.counter_row[NR_PIN_RELEASED] += npages
-        else:
-            delta = 1
-            self.counter_row[NR_PUT_PAGE] += npages
-        if npages == 1 and self._backed_bytes[pfn >> CHUNK_SHIFT] == IN_IMAGE:
-            own = self._own_in_image
-            left = own[pfn] - delta
-            if left >= 0:
-                own[pfn] = left
-            else:
-                self._drop_reference(pfn, npages, delta)
-        else:
-            self._drop_reference(pfn, npages, delta)
-        if self._gate_words[self._gate_word] and self.io_trace.on:
+    def _trace_end(self, pin: bool, pid: int, file: int, pfn: int, npages: int) -> None:
+        if self.io_trace.on:
             self.ring.record(time.time_ns(), WHAT_UNPIN if pin else WHAT_PUT, pid, file, pfn, npages)
+
+    @property
+    def transfer(self) -> Transfer | None:
+        """The transfer in flight in this process: (pin, pid, file code, pfn, npages, since_ns)."""
+        return self.transfers.transfer
 
     def excluding_transfers(self, pfn: int, npages: int) -> contextlib.AbstractContextManager[None]:
         """Keep new references out of [pfn, pfn + npages) while a zero checks and clears it (gates.ZeroGate)."""

@@ -1,0 +1,131 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, cdivision=True
+"""The I/O transfer's page references: the registry's only code that runs for every request.
+
+Compiled because CPython was its cost (docs/performance.md): reading a memoryview item and adding
+to it is ~55 ns in the interpreter, and the transfer does six of them plus its glue, ~1.2 µs of a
+4k request's ~7 µs of daemon CPU. Here it is a few loads and stores.
+
+The contract is pages.py's (stated there, once): the reference is stored, then the I/O gate is
+read; a transfer lasts until the serving loop ends it; a second one in flight is a bug. This
+class does the common case itself (records in the image, the gate open, a put of what this process
+took) and calls back into the registry for everything else: backing records, records in the
+spill, the gate's slow path (refusal, a zero under way, the trace), a put that the sums decide.
+"""
+
+from libc.stdint cimport int32_t, int64_t, uint8_t
+
+cdef extern from *:
+    """
+    /* The compiler may not move the reference's store below the gate's load (a zero, or a
+       teardown, relies on seeing one or the other); the closer's membarrier orders the CPUs. */
+    static inline void pmemfs_compiler_fence(void) { __atomic_signal_fence(__ATOMIC_SEQ_CST); }
+    """
+    void compiler_fence "pmemfs_compiler_fence" () nogil
+
+
+cdef class Transfers:
+    """The transfer in flight of one serving process, over the registry that owns its state."""
+
+    # This process's refcount word of every record in the image, by pfn (a strided view).
+    cdef int32_t[:] own_in_image
+    # Where each chunk's records live (records.UNBACKED / IN_IMAGE / SPILLED).
+    cdef uint8_t[:] backed
+    # The shared cells as int64 words, and which of them is the I/O gate.
+    cdef int64_t[:] words
+    cdef Py_ssize_t gate_word
+    # This process's counter row.
+    cdef int64_t[:] counters
+    cdef object registry
+    cdef Py_ssize_t npfns
+    cdef int page_shift, chunk_shift, pin_bias, in_image
+    cdef Py_ssize_t nr_pin_acquired, nr_pin_released, nr_get_page, nr_put_page
+    # The transfer in flight.
+    cdef readonly bint in_flight
+    cdef bint pin
+    cdef int64_t pid, file, pfn, npages, since
+
+    def __init__(self, registry, *, backed, words, int gate_word, int page_shift, int chunk_shift,
+                 int pin_bias, int in_image, counter_slots):
+        """``counter_slots``: the indexes of nr_foll_pin_acquired, nr_foll_pin_released,
+        nr_get_page and nr_put_page in a counter row."""
+        self.registry = registry
+        self.backed = backed
+        self.words = words
+        self.gate_word = gate_word
+        self.page_shift, self.chunk_shift = page_shift, chunk_shift
+        self.pin_bias, self.in_image = pin_bias, in_image
+        self.nr_pin_acquired, self.nr_pin_released, self.nr_get_page, self.nr_put_page = counter_slots
+        self.in_flight = False
+
+    cdef inline bint _all_in_image(self, int64_t pfn, int64_t npages):
+        cdef int64_t chunk
+        for chunk in range(pfn >> self.chunk_shift, ((pfn + npages - 1) >> self.chunk_shift) + 1):
+            if self.backed[chunk] != self.in_image:
+                return False
+        return True
+
+    cdef inline bint _own_at_least(self, int64_t pfn, int64_t npages, int delta):
+        """Whether this process's own words can drop ``delta`` over the range (it took the reference)."""
+        cdef int64_t page
+        for page in range(pfn, pfn + npages):
+            if self.own_in_image[page] < delta:
+                return False
+        return True
+
+    def bind(self, own_in_image, counters):
+        """Write these words and counters from now on (the process became another column)."""
+        self.own_in_image = own_in_image
+        self.npfns = len(own_in_image)
+        self.counters = counters
+
+    @property
+    def transfer(self):
+        """(pin, pid, file code, pfn, npages, since_ns) of the transfer in flight, or None."""
+        if not self.in_flight:
+            return None
+        return (self.pin, self.pid, self.file, self.pfn, self.npages, self.since)
+
+    def begin(self, bint pin, int64_t pid, int64_t file, int64_t off, int64_t size):
+        """Reference the pages of bytes [off, off + size): a pin for direct I/O, get_page else."""
+        if self.in_flight:
+            raise AssertionError(f"a serving process began a second transfer with {self.transfer} in flight")
+        cdef int64_t pfn = off >> self.page_shift
+        cdef int64_t npages = ((off + size - 1) >> self.page_shift) - pfn + 1
+        if off < 0 or size <= 0 or pfn + npages > self.npfns:
+            raise ValueError(f"transfer of [{off}, +{size}) outside the data area")
+        cdef int delta = self.pin_bias if pin else 1
+        cdef int64_t page
+        if self._all_in_image(pfn, npages):
+            for page in range(pfn, pfn + npages):
+                self.own_in_image[page] += delta
+        else:
+            self.registry.store.add(pfn, npages, delta)
+        compiler_fence()
+        cdef int64_t since = 0
+        if self.words[self.gate_word]:
+            since = self.registry._behind_closed_gate(pin, pid, file, pfn, npages, delta)
+        self.counters[self.nr_pin_acquired if pin else self.nr_get_page] += npages
+        self.pin, self.pid, self.file, self.pfn, self.npages, self.since = pin, pid, file, pfn, npages, since
+        self.in_flight = True
+
+    def end(self):
+        """Drop the reference of the transfer in flight, if any: its reply is out."""
+        if not self.in_flight:
+            return
+        self.in_flight = False  # first: a transfer that cannot be ended is not ended twice
+        cdef int64_t pfn = self.pfn, npages = self.npages, page
+        cdef int delta
+        if self.pin:
+            delta = self.pin_bias
+            self.counters[self.nr_pin_released] += npages
+        else:
+            delta = 1
+            self.counters[self.nr_put_page] += npages
+        if self._all_in_image(pfn, npages) and self._own_at_least(pfn, npages, delta):
+            for page in range(pfn, pfn + npages):
+                self.own_in_image[page] -= delta
+        else:
+            # Another process took (some of) the reference, or records are elsewhere: the sums decide.
+            self.registry._drop_reference(pfn, npages, delta)
+        if self.words[self.gate_word]:
+            self.registry._trace_end(self.pin, self.pid, self.file, pfn, npages)
