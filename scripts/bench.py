@@ -352,13 +352,15 @@ def columns(
 Passes = dict[str, dict[str, list[dict[str, float]]]]  # job -> column -> one result per pass
 
 
-def run_matrix(all_columns: list[Column], passes: int, runtime_s: float, where: Placement, started: float) -> Passes:
+def run_matrix(
+    all_columns: list[Column], jobs: list[Job], passes: int, runtime_s: float, where: Placement, started: float
+) -> Passes:
     results: Passes = {}
     for pass_no in range(passes):
         first = pass_no % len(all_columns)
         for column in all_columns[first:] + all_columns[:first]:
             with column.setup() as target:
-                for job in filter(column.runs, JOBS):
+                for job in filter(column.runs, jobs):
                     result = run_fio(target, job, runtime_s, where)
                     results.setdefault(job.name, {}).setdefault(column.name, []).append(result)
         print(f"pass {pass_no + 1}/{passes} done ({time.monotonic() - started:.0f} s)", file=sys.stderr)
@@ -388,37 +390,41 @@ def verdict(ours: list[float], reference: list[float]) -> str:
     return "cannot tell"
 
 
-def print_table(results: Passes, names: list[str]) -> None:
-    pmemfs_names = [name for name, _ in PMEMFS_MODES]
+def print_table(results: Passes, jobs: list[Job], names: list[str]) -> None:
+    pmemfs_names = [name for name, _ in PMEMFS_MODES if name in names]
     references = [ref for ref in (PASSTHROUGH_HP, PYTHON_FLOOR) if ref in names]
     ratios = [(ours, ref) for ref in references for ours in pmemfs_names]
     header = names + [f"{_short(ours)} / {ref}" for ours, ref in ratios] + ["registry cost (IOPS, CPU/request)"]
     print("| job | " + " | ".join(header) + " |")
     print("|---" * (len(header) + 1) + "|")
-    for job in JOBS:
+    for job in jobs:
         row = results[job.name]
         cells = [job.name] + [_cell(job, row[name]) if name in row else "" for name in names]
         for ours, ref in ratios:
             mine, theirs = _values(row[ours], "iops"), _values(row[ref], "iops")
             ratio = statistics.median(mine) / statistics.median(theirs)
             cells.append(f"{ratio:.2f}x {verdict(mine, theirs)}")
-        on, off = row[pmemfs_names[0]], row.get(REGISTRY_OFF[0])
-        cells.append(_registry_cost(on, off) if off else "")
+        on, off = row.get(pmemfs_names[0]) if pmemfs_names else None, row.get(REGISTRY_OFF[0])
+        cells.append(_registry_cost(on, off) if on and off else "")
         print("| " + " | ".join(cells) + " |")
 
 
-def print_daemon_cpu(results: Passes, names: list[str]) -> None:
+def print_daemon_cpu(results: Passes, jobs: list[Job], names: list[str]) -> None:
     """What each FUSE daemon spent per request: where a column's speed goes, without a profiler."""
     names = [
-        name for name in names if any(_values(results[job.name].get(name, []), "daemon_us_per_io") for job in JOBS)
+        name for name in names if any(_values(results[job.name].get(name, []), "daemon_us_per_io") for job in jobs)
     ]
     print("\nDaemon CPU per request, µs, median (min-max) of the passes (user + system time of every daemon process)\n")
     print("| job | " + " | ".join(names) + " |")
     print("|---" * (len(names) + 1) + "|")
-    for job in JOBS:
+    for job in jobs:
         row = results[job.name]
         cells = [_spread(_values(row.get(name, []), "daemon_us_per_io"), "{:.1f}") for name in names]
         print(f"| {job.name} | " + " | ".join(cells) + " |")
+
+
+def _chosen(name: str, wanted: list[str] | None) -> bool:
+    return wanted is None or any(part in name for part in wanted)
 
 
 def _values(runs: list[dict[str, float]], key: str) -> list[float]:
@@ -585,7 +591,12 @@ def main() -> int:
     parser.add_argument("--registry-repetitions", type=int, default=101)
     parser.add_argument("--dir", default=os.path.join(ROOT, "build", "bench"), help="where the image lives")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument(
+        "--jobs", action="append", help="only the jobs whose name contains this (repeatable): a quick look"
+    )
+    parser.add_argument("--columns", action="append", help="only the columns whose name contains this (repeatable)")
     args = parser.parse_args()
+    jobs = [job for job in JOBS if _chosen(job.name, args.jobs)]
 
     # A SIGTERM ends the run through the finally blocks, like Ctrl-C: nothing stays mounted.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -615,7 +626,8 @@ def main() -> int:
         with pmemfs_target(workdir, image, [], where) as target:
             prefill(target.filename, target.offset, target.size)
         all_columns = columns(workdir, image, disk, shared_files, passthrough_hp, where)
-        results = run_matrix(all_columns, args.passes, args.runtime, where, started)
+        all_columns = [column for column in all_columns if _chosen(column.name, args.columns)]
+        results = run_matrix(all_columns, jobs, args.passes, args.runtime, where, started)
     registry = registry_microbench(args.registry_repetitions)
     with work_directory(args.dir) as workdir:
         scale = scale_run(workdir, args.scale_size, where)
@@ -634,8 +646,8 @@ def main() -> int:
         f"passes in rotating order; {machine['cpus']} CPUs {machine['cpu_model']}, "
         f"kernel {machine['kernel']}, libfuse {machine['libfuse']}, pyfuse3 {machine['pyfuse3']}; {where.description}\n"
     )
-    print_table(results, [column.name for column in all_columns])
-    print_daemon_cpu(results, [column.name for column in all_columns])
+    print_table(results, jobs, [column.name for column in all_columns])
+    print_daemon_cpu(results, jobs, [column.name for column in all_columns])
     print()
     for note in notes:
         print(f"Note: {note}.")

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""What the write handler costs per request, in process: no mount, no FUSE, no other process.
+"""What the write (or read) handler costs per request, in process: no mount, no FUSE, no other process.
 
 Builds the daemon's objects as ``daemon.run`` does (region, registry, badblocks, sessions, tree)
-over a temporary image and calls ``PmemOperations.write`` directly, as the serving loop does, for
-4 KiB O_DIRECT writes into pages already allocated. Run it with one checkout's package on
+over a temporary image and calls ``PmemOperations.write`` (``--read``: ``read``) directly, as the
+serving loop does, for 4 KiB O_DIRECT requests into pages already allocated. Run it with one checkout's package on
 PYTHONPATH, then another's, to compare them in one sitting:
 
     PYTHONPATH=/path/to/main python scripts/bench_write_handler.py
@@ -30,6 +30,7 @@ def main() -> int:
     parser.add_argument("--writes", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--log-writes", action="store_true")
+    parser.add_argument("--read", action="store_true", help="time the read handler instead")
     args = parser.parse_args()
 
     import pmemfs
@@ -60,12 +61,12 @@ def main() -> int:
         pages = 256
         for page in range(pages):  # allocate them first: the steady state is a store through the mapping
             region.write(page * 4096, buf)
-        write = ops.write
+        write, read = ops.write, ops.read
         per_write = []
         for _ in range(args.rounds):
             start = time.perf_counter_ns()
             for n in range(args.writes):
-                coroutine = write(fh, (n % pages) * 4096, buf)
+                coroutine = read(fh, (n % pages) * 4096, 4096) if args.read else write(fh, (n % pages) * 4096, buf)
                 try:
                     coroutine.send(None)
                 except StopIteration:
@@ -77,7 +78,8 @@ def main() -> int:
         region.close(clean=False)
     print(
         f"{os.path.dirname(pmemfs.__file__)}: {'with' if args.log_writes else 'no'} write log: "
-        f"median {statistics.median(per_write):.0f} ns, best {min(per_write):.0f} ns per 4 KiB write "
+        f"median {statistics.median(per_write):.0f} ns, best {min(per_write):.0f} ns per 4 KiB "
+        f"{'read' if args.read else 'write'} "
         f"(rounds: {', '.join(f'{t:.0f}' for t in per_write)})"
     )
     return 0
