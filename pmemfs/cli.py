@@ -615,7 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--heatmap",
         metavar="FILE",
         help="draw the data area to FILE (.png or .svg), coloured by references and pins "
-        "(needs matplotlib: pip install 'pmemfs[plot]')",
+        "(needs Pillow: pip install 'pmemfs[plot]')",
     )
     pages.set_defaults(func=cmd_pages)
 

@@ -160,8 +160,9 @@ def test_the_heatmap_of_a_1tib_registry_is_reduced_in_well_under_a_second() -> N
     assert time.perf_counter() - started < 1.0
 
 
-def test_the_picture_shows_each_level_in_its_cells_and_nothing_else(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    pytest.importorskip("matplotlib", reason="the heatmap needs the plot extra: pip install 'pmemfs[plot]'")
+@pytest.mark.parametrize("suffix", ["png", "svg"])
+def test_the_picture_shows_each_level_in_its_cells_and_nothing_else(tmp_path, suffix: str) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("PIL", reason="the heatmap needs the plot extra: pip install 'pmemfs[plot]'")
     from pmemfs.views.heatmap import draw
 
     layout = Layout.for_device(64512)  # a 256 MiB image's data area: 252 rows of 128 cells of 2 pages
@@ -169,31 +170,78 @@ def test_the_picture_shows_each_level_in_its_cells_and_nothing_else(tmp_path) ->
     levels[0, 0], levels[10, 5:9], levels[251, 127] = REFERENCED, PINNED, LONGTERM
     bad = np.zeros_like(levels, dtype=bool)
     bad[100, 64] = True
-    path = str(tmp_path / "heat.png")
-    draw(path, levels, bad, layout, title="test")
+    path = str(tmp_path / f"heat.{suffix}")
+    draw(path, levels, bad, layout, title="a <test> & its\ntwo lines")
     assert read_cells(path) == {(0, 0): "referenced", (10, 5): "pinned", (10, 6): "pinned", (10, 7): "pinned",
                                 (10, 8): "pinned", (251, 127): "long-term pinned", (100, 64): "bad blocks"}  # fmt: skip
+    if suffix == "svg":
+        import xml.etree.ElementTree as ET
+
+        texts = [text.text for text in ET.parse(path).iter("{http://www.w3.org/2000/svg}text")]
+        assert texts[:2] == ["a <test> & its", "two lines"] and "bad blocks" in texts
 
 
 def read_cells(path: str) -> dict[tuple[int, int], str]:
-    """The cells of a heatmap PNG that are not idle, by the colour of the pixel at their centre."""
+    """The cells of a heatmap PNG or SVG that are not idle, by the colour they show at their centre."""
     from PIL import Image
 
+    if path.endswith(".svg"):
+        return read_svg_cells(path)
     with Image.open(path) as image:
         info = json.loads(image.text["pmemfs-heatmap"])  # type: ignore[attr-defined]
         pixels = np.asarray(image.convert("RGB"))
     x0, y0, x1, y1 = info["axes_px"]
     rows, columns = info["rows"], info["columns"]
-    names = {_rgb(colour): name for name, colour in info["colours"].items()}
-    names[_rgb(info["badblock_colour"])] = "bad blocks"
     xs = (x0 + (np.arange(columns) + 0.5) * (x1 - x0) / columns).astype(int)
     ys = (y0 + (np.arange(rows) + 0.5) * (y1 - y0) / rows).astype(int)
+    return _named_cells(info, pixels[ys[:, None], xs[None, :]])
+
+
+def read_svg_cells(path: str) -> dict[tuple[int, int], str]:
+    """The same from an SVG: the embedded picture of the cells, the bad-block squares over it."""
+    import base64
+    import io
+    import xml.etree.ElementTree as ET
+
+    from PIL import Image
+
+    svg = "{http://www.w3.org/2000/svg}"
+    root = ET.parse(path).getroot()  # well-formed XML, or this raises
+    info = json.loads(root.findtext(f"{svg}metadata") or "")
+    x0, y0, x1, y1 = info["axes_px"]
+    rows, columns = info["rows"], info["columns"]
+    image = root.find(f"{svg}image")
+    assert image is not None
+    assert [float(image.get(k, "nan")) for k in ("x", "y", "width", "height")] == [x0, y0, x1 - x0, y1 - y0]
+    assert "pixelated" in image.get("style", "") and image.get("preserveAspectRatio") == "none"
+    encoded = image.get("href", "").removeprefix("data:image/png;base64,")
+    with Image.open(io.BytesIO(base64.b64decode(encoded))) as cells:
+        assert cells.size == (x1 - x0, y1 - y0)
+        pixels = np.asarray(cells.convert("RGB"))
+    xs = ((np.arange(columns) + 0.5) * (x1 - x0) / columns).astype(int)
+    ys = ((np.arange(rows) + 0.5) * (y1 - y0) / rows).astype(int)
+    pixels = pixels[ys[:, None], xs[None, :]]
+    squares = root.find(f"{svg}g[@id='badblocks']")
+    assert squares is not None
+    for square in squares:
+        # A square covers the cell's centre: the cell is where its own centre is.
+        x = float(square.get("x", "nan")) + float(square.get("width", "nan")) / 2
+        y = float(square.get("y", "nan")) + float(square.get("height", "nan")) / 2
+        row, column = int((y - y0) * rows / (y1 - y0)), int((x - x0) * columns / (x1 - x0))
+        pixels[row, column] = _rgb(square.get("fill", ""))
+    return _named_cells(info, pixels)
+
+
+def _named_cells(info: dict, colours: np.ndarray) -> dict[tuple[int, int], str]:
+    """``colours`` (rows, columns, 3) named by the legend, leaving out idle cells and those past the device."""
+    names = {_rgb(colour): name for name, colour in info["colours"].items()}
+    names[_rgb(info["badblock_colour"])] = "bad blocks"
     found = {}
-    for r, y in enumerate(ys):
-        for c, x in enumerate(xs):
-            name = names.get(tuple(int(v) for v in pixels[y, x]), f"unknown colour {pixels[y, x]}")
-            if name not in ("idle", "beyond the device"):
-                found[(r, c)] = name
+    for r, c in np.ndindex(*colours.shape[:2]):
+        rgb = tuple(int(v) for v in colours[r, c])
+        name = names.get(rgb, f"unknown colour {rgb}")
+        if name not in ("idle", "beyond the device"):
+            found[(r, c)] = name
     return found
 
 
@@ -275,14 +323,14 @@ def test_top_draws_rates_totals_pins_and_holders_from_two_samples() -> None:
     assert "rdma-app" in text and "longterm" in text and "12.5 s" in text and "50 %" in text
 
 
-def test_without_matplotlib_the_heatmap_says_how_to_get_it(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_without_pillow_the_heatmap_says_how_to_get_it(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     import sys
 
     from pmemfs.errors import PmemfsError
     from pmemfs.views.heatmap import draw
 
-    # What the imports find when matplotlib is not installed (None in sys.modules is an ImportError).
-    for name in [name for name in sys.modules if name.startswith("matplotlib.")] + ["matplotlib"]:
+    # What the imports find when Pillow is not installed (None in sys.modules is an ImportError).
+    for name in [name for name in sys.modules if name.startswith("PIL.")] + ["PIL"]:
         monkeypatch.setitem(sys.modules, name, None)
     layout = Layout.for_device(1000)
     with pytest.raises(PmemfsError, match=r"pip install 'pmemfs\[plot\]'"):

@@ -3,14 +3,13 @@
 The device is laid out in rows of ``COLUMNS`` cells; a cell is a power of two of pages, chosen so
 that the whole device fits in ``MAX_ROWS`` rows, and its colour is the highest level of any page
 in it: referenced (get_page), pinned (refcount >= GUP_PIN_COUNTING_BIAS), long-term pinned (a
-FOLL_LONGTERM holder). Cells with poisoned sectors are crossed. The reduction works on the
+FOLL_LONGTERM holder). Cells with poisoned sectors carry a black square. The reduction works on the
 registry's referenced ranges with numpy (no Python loop per page or per cell), so a 1 TiB device
-is reduced in milliseconds; drawing is matplotlib's (``pip install 'pmemfs[plot]'``).
+is reduced in milliseconds; heatmap_picture.py draws it with Pillow (``pip install 'pmemfs[plot]'``).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,7 +28,7 @@ BEYOND = len(LEVELS)  # cells of the last row past the end of the device
 COLOURS = ("#ececec", "#4c8fd6", "#f29a2e", "#c8102e", "#ffffff")
 BADBLOCK_COLOUR = "#000000"
 PNG_METADATA_KEY = "pmemfs-heatmap"
-INSTALL_HINT = "pmemfs pages --heatmap needs matplotlib: pip install 'pmemfs[plot]'"
+INSTALL_HINT = "pmemfs pages --heatmap needs Pillow: pip install 'pmemfs[plot]'"
 
 
 @dataclass(frozen=True)
@@ -120,75 +119,19 @@ def draw(
     title: str,
 ) -> dict[str, object]:
     """Write the picture to ``path`` (.png or .svg); return what a reader of its pixels needs to
-    know (stored in the PNG as the ``pmemfs-heatmap`` text chunk)."""
+    know (stored in the PNG as the ``pmemfs-heatmap`` text chunk, in the SVG as its metadata)."""
     try:
-        from matplotlib.artist import Artist
-        from matplotlib.colors import BoundaryNorm, ListedColormap
-        from matplotlib.figure import Figure
-        from matplotlib.lines import Line2D
-        from matplotlib.patches import Patch
+        # The picture module's own imports would say this too, unless an earlier call loaded it.
+        import PIL.Image  # noqa: F401
     except ImportError:
         raise PmemfsError(INSTALL_HINT) from None
+    from .heatmap_picture import Frame, write_png, write_svg
+
     if not path.endswith((".png", ".svg")):
         raise PmemfsError(f"{path}: the heatmap is written as .png or .svg; name the file so")
-    dpi = 100
-    # At least 3 pixels a row, so that every cell has a pixel of its own colour at its centre.
-    row_px = max(3.0, min(12.0, 900 / layout.rows))
-    width_in, height_in = 11.0, (layout.rows * row_px + 170) / dpi
-    fig = Figure(figsize=(width_in, height_in), dpi=dpi)
-    left, right, bottom, top = 0.11, 0.77, 60 / (height_in * dpi), 1 - 80 / (height_in * dpi)
-    fig.subplots_adjust(left=left, right=right, bottom=bottom, top=top)
-    ax = fig.add_subplot()
-    cmap = ListedColormap(COLOURS)
-    norm = BoundaryNorm(np.arange(len(COLOURS) + 1) - 0.5, len(COLOURS))
-    ax.imshow(levels, cmap=cmap, norm=norm, interpolation="nearest", aspect="auto",
-              extent=(0, layout.columns, layout.rows, 0))  # fmt: skip
-    rows, columns = np.nonzero(bad)
-    if len(rows):
-        # A black square in the middle of the cell: the cell's own colour still shows around it.
-        ax.scatter(columns + 0.5, rows + 0.5, marker="s", c=BADBLOCK_COLOUR, s=max(4.0, (row_px * 0.6 * 72 / dpi) ** 2),
-                   linewidths=0)  # fmt: skip
-    # No frame: its line would cover the outer cells' centres.
-    ax.spines[:].set_visible(False)
-    ax.set_xlim(0, layout.columns)
-    ax.set_ylim(layout.rows, 0)
-    ax.set_title(title, fontsize=9, loc="left")
-    ax.set_xlabel(f"offset within the row (a cell is {format_size(layout.cell_bytes)})")
-    ax.set_ylabel(f"offset on the device (a row is {format_size(layout.row_bytes)})")
-    xticks = np.linspace(0, layout.columns, 5)
-    ax.set_xticks(xticks, [format_size(int(x) * layout.cell_bytes) for x in xticks])
-    step = 1 << max(0, (layout.rows - 1) // 8).bit_length()  # about 8 ticks, at round offsets
-    yticks = np.arange(0, layout.rows + 1, step)
-    ax.set_yticks(yticks, [format_size(int(y) * layout.row_bytes) for y in yticks])
-    handles: list[Artist] = [Patch(facecolor=colour, edgecolor="#888888", label=level) for level, colour in
-                             zip(LEVELS, COLOURS, strict=False)]  # fmt: skip
-    handles.append(Line2D([], [], marker="s", linestyle="", color=BADBLOCK_COLOUR, label="bad blocks"))
-    fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(right + 0.02, top), fontsize=9, frameon=False)
-    position = ax.get_position()
-    height_px = round(height_in * dpi)
-    info: dict[str, object] = {
-        # The axes in the PNG's pixels, top-left origin: cell (r, c) is centred at
-        # x0 + (c + 0.5) * (x1 - x0) / columns, y0 + (r + 0.5) * (y1 - y0) / rows.
-        "axes_px": [
-            position.x0 * width_in * dpi,
-            height_px - position.y1 * height_in * dpi,
-            position.x1 * width_in * dpi,
-            height_px - position.y0 * height_in * dpi,
-        ],  # fmt: skip
-        "rows": layout.rows,
-        "columns": layout.columns,
-        "cell_bytes": layout.cell_bytes,
-        "row_bytes": layout.row_bytes,
-        "npfns": layout.npfns,
-        "colours": dict(zip([*LEVELS, "beyond the device"], COLOURS, strict=True)),
-        "badblock_colour": BADBLOCK_COLOUR,
-    }
-    metadata = {PNG_METADATA_KEY: json.dumps(info)} if path.endswith(".png") else None
-    try:
-        fig.savefig(path, dpi=dpi, metadata=metadata)
-    except OSError as err:
-        raise PmemfsError(f"cannot write {path}: {err.strerror}") from None
-    return info
+    frame = Frame(layout, title)
+    (write_png if path.endswith(".png") else write_svg)(path, frame, levels, bad)
+    return frame.info()
 
 
 def heatmap(path: str, status: dict, pages: dict, badblocks: list[tuple[int, int]]) -> Layout:
