@@ -109,7 +109,10 @@ def fill_trace(mount: Mount, threads: int) -> int:
     stop = threading.Event()
     limit = 7000 if threads > 1 else 4200  # one ring holds 4096
 
+    tids = [0] * threads  # what the daemon names a session's client by: the thread that opened it
+
     def refuse(n: int) -> None:
+        tids[n] = threading.get_native_id()
         with PinSession(mount.mountpoint) as session:
             while not stop.is_set() and done[n] < limit:
                 try:
@@ -133,6 +136,16 @@ def fill_trace(mount: Mount, threads: int) -> int:
         stop.set()
         for t in workers:
             t.join()
+    # A session's close reaches the daemon after close(2) returns (FUSE's release is asynchronous):
+    # wait for every one, so that no close lands among the events the caller traces next.
+    closes = [f"session pid {tid} closed" for tid in tids]
+
+    def all_closed() -> bool:
+        newest = "\n".join(read_whole(control(mount, "trace")).decode().splitlines()[-50:])
+        return all(close in newest for close in closes)
+
+    filled = poll_until(all_closed, timeout_s=30, interval_s=0.1)
+    assert filled, "the filling sessions' closes did not reach the trace within 30 s"
     return sum(done)
 
 

@@ -236,14 +236,17 @@ def test_umount_on_a_terminal_shows_the_pins_it_waits_for(mount: Mount) -> None:
 def test_top_on_a_terminal_redraws_until_q(mount: Mount) -> None:
     main, secondary = os.openpty()
     fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 120, 0, 0))
-    env = {**os.environ, "TERM": "xterm-256color"}
+    # rich takes LINES and COLUMNS over the terminal's size, and a parent may have set them (pytest-xdist's
+    # workers have 24x80, where the frame is cut before the holders): the terminal's size it is.
+    env = {**os.environ, "TERM": "xterm-256color", "LINES": "50", "COLUMNS": "120"}
     top = subprocess.Popen([*PMEMFS, "top", mount.mountpoint, "--interval", "0.2"], stdin=secondary,
                            stdout=secondary, stderr=secondary, env=env)  # fmt: skip
     os.close(secondary)
     shown = b""
+    deadline = time.monotonic() + 30
     try:
         while shown.count(b"Oldest holders") < 2:  # the first frame and one redraw
-            assert select.select([main], [], [], 10)[0], shown.decode(errors="replace")
+            assert time.monotonic() < deadline and select.select([main], [], [], 10)[0], shown.decode(errors="replace")
             shown += os.read(main, 65536)
         os.write(main, b"q")
         assert top.wait(timeout=10) == 0
