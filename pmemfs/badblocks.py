@@ -55,6 +55,7 @@ class BadBlocks:
         self.nsectors = nsectors
         self.store = store
         self._generation = shared.badblocks_generation
+        self._generation_words, self._generation_index = self._generation.words, self._generation.index
         self._lock = shared.lock(Lock.BADBLOCKS)
         self._reload()
 
@@ -69,7 +70,7 @@ class BadBlocks:
 
     def changed_or_bad(self) -> bool:
         """The I/O path's test: True when some sector is bad (after picking up another process's change)."""
-        if self._generation.changed(self._seen):
+        if self._generation_words[self._generation_index] != self._seen:
             self._reload()
         return bool(self.extents)
 

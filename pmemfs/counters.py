@@ -76,3 +76,10 @@ class Counters:
 
     def statistics(self) -> dict[str, int]:
         return self.totals()
+
+
+# What the I/O path counts for every request, in the order transfer.Transfers takes them.
+IO_PATH_SLOTS = (
+    *(file_slot_base(what) for what in PER_FILE),
+    *(COUNTER[name] for name in ("direct_reads", "direct_writes", "direct_read_bytes", "direct_write_bytes")),
+)

@@ -27,14 +27,14 @@ import stat
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import pyfuse3
 
 from . import handles
 from .badblocks import BadBlocks
 from .control import ControlFile
-from .counters import COUNTER, HANDLE_COUNTERS, file_slot_base
+from .counters import COUNTER, HANDLE_COUNTERS
 from .errors import PmemfsError
 from .infoblock import PAGE_SIZE, SECTOR_SIZE
 from .logwrites import WriteLog
@@ -64,15 +64,9 @@ CONTROL_WRITE_MAX = 4096
 # about the request (no space), else EIO.
 PASSED_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
-DIRECT_READS, DIRECT_WRITES, FSYNCS, ERRORS, INTERNAL_ERRORS = (
-    COUNTER[n] for n in ("direct_reads", "direct_writes", "fsyncs", "errors", "internal_errors")
-)
+FSYNCS, ERRORS, INTERNAL_ERRORS = (COUNTER[n] for n in ("fsyncs", "errors", "internal_errors"))
 DATA_OPENS, DATA_RELEASES = (COUNTER[n] for n in HANDLE_COUNTERS)
-# Per data file: the slot of a file's counter is the base plus the handle's file code.
-FILE_READS, FILE_WRITES, FILE_READ_BYTES, FILE_WRITE_BYTES = (
-    file_slot_base(what) for what in ("reads", "writes", "read_bytes", "write_bytes")
-)
-DIRECT_READ_BYTES, DIRECT_WRITE_BYTES = COUNTER["direct_read_bytes"], COUNTER["direct_write_bytes"]
+SECTOR_MASK = SECTOR_SIZE - 1
 _Handler = TypeVar("_Handler", bound=Callable[..., Awaitable[Any]])
 
 
@@ -142,6 +136,8 @@ class PmemOperations(pyfuse3.Operations):
         self.snapshots = SnapshotSlots(registry.shared)
         self.data_size = region.data_size
         self.track_references = track_references
+        # Compiled (transfer.pyx), and kept here: the I/O path calls them once a request.
+        self.count_read, self.count_write = registry.transfers.count_read, registry.transfers.count_write
         self.initialized = False
         self._control = {FIRST_CONTROL_FILE_INODE + i: f for i, f in enumerate(control_files)}
         self._control_by_name = {f.name.encode(): inode for inode, f in self._control.items()}
@@ -304,10 +300,10 @@ class PmemOperations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
         raise pyfuse3.FUSEError(errno.EISDIR if inode in (pyfuse3.ROOT_INODE, CONTROL_DIR_INODE) else errno.ENOENT)
 
-    def _check_transfer(self, handle: OpenFile, off: int, size: int) -> None:
-        if handle.direct and (off % SECTOR_SIZE or size % SECTOR_SIZE):
-            self._count(ERRORS)
-            raise pyfuse3.FUSEError(errno.EINVAL)
+    def _misaligned(self) -> NoReturn:
+        """O_DIRECT in units other than sectors: EINVAL, as the block layer answers it."""
+        self._count(ERRORS)
+        raise pyfuse3.FUSEError(errno.EINVAL)
 
     def _snapshot(self, fh: int, handle: OpenFile, off: int, size: int) -> bytes:
         """A control file's content for a read. A control file shows what it held at open; a pin
@@ -329,23 +325,21 @@ class PmemOperations(pyfuse3.Operations):
             handle = self._open.get(fh) or self._handle(fh)
             if not handle.file_code:
                 return self._snapshot(fh, handle, off, size)
-            self._check_transfer(handle, off, size)
-            if off >= self.data_size or size == 0:
+            direct = handle.direct
+            if direct and (off | size) & SECTOR_MASK:
+                self._misaligned()
+            data_size = self.data_size
+            if off >= data_size or size == 0:
                 return b""
-            size = min(size, self.data_size - off)
+            if off + size > data_size:
+                size = data_size - off
             if self.badblocks.changed_or_bad():
                 self.badblocks.check_read(off, size)
             if self.track_references:
                 # The reply is copied out of the mapping after we return: the serving loop ends the
                 # transfer once it is out (pages.py).
-                self.registry.begin_transfer(handle.direct, handle.pid, handle.file_code, off, size)
-            ctr = self.registry.counter_row
-            file_code = handle.file_code
-            ctr[FILE_READS + file_code] += 1
-            ctr[FILE_READ_BYTES + file_code] += size
-            if handle.direct:
-                ctr[DIRECT_READS] += 1
-                ctr[DIRECT_READ_BYTES] += size
+                self.registry.begin_transfer(direct, handle.pid, handle.file_code, off, size)
+            self.count_read(handle.file_code, size, direct)
             return self.region.read(off, size)
         except pyfuse3.FUSEError:
             raise
@@ -358,7 +352,9 @@ class PmemOperations(pyfuse3.Operations):
             if not handle.file_code:
                 return self._control_write(handle, buf)
             size = len(buf)
-            self._check_transfer(handle, off, size)
+            direct = handle.direct
+            if direct and (off | size) & SECTOR_MASK:
+                self._misaligned()
             if off >= self.data_size:
                 self._count(ERRORS)
                 raise pyfuse3.FUSEError(errno.ENOSPC)
@@ -371,7 +367,7 @@ class PmemOperations(pyfuse3.Operations):
             # bad sector only in part fails before anything is stored.
             poisoned = self.badblocks.changed_or_bad() and self.badblocks.check_write(off, size)
             if self.track_references:
-                self.registry.begin_transfer(handle.direct, handle.pid, handle.file_code, off, size)
+                self.registry.begin_transfer(direct, handle.pid, handle.file_code, off, size)
                 try:
                     self.media.write(off, buf)
                 finally:
@@ -380,13 +376,7 @@ class PmemOperations(pyfuse3.Operations):
                 self.media.write(off, buf)
             if poisoned:
                 self.badblocks.clear_written(off, size)
-            ctr = self.registry.counter_row
-            file_code = handle.file_code
-            ctr[FILE_WRITES + file_code] += 1
-            ctr[FILE_WRITE_BYTES + file_code] += size
-            if handle.direct:
-                ctr[DIRECT_WRITES] += 1
-                ctr[DIRECT_WRITE_BYTES] += size
+            self.count_write(handle.file_code, size, direct)
             return size
         except pyfuse3.FUSEError:
             raise

@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .counters import COUNTER, REGISTRY_COUNTERS, Counters
+from .counters import COUNTER, IO_PATH_SLOTS, REGISTRY_COUNTERS, Counters
 from .device import DeviceReference, OpensHold
 from .errors import UnbalancedPut
 from .gates import IoGate, ZeroGate
@@ -106,6 +106,7 @@ class PageRegistry:
             self, backed=self.shared.array("backed"), words=self._gate_words, gate_word=self._gate_word,
             page_shift=PAGE_SHIFT, chunk_shift=CHUNK_SHIFT, pin_bias=GUP_PIN_COUNTING_BIAS, in_image=IN_IMAGE,
             counter_slots=(NR_PIN_ACQUIRED, NR_PIN_RELEASED, NR_GET_PAGE, NR_PUT_PAGE),
+            io_slots=IO_PATH_SLOTS, max_file=len(FILES) - 1,
         )  # fmt: skip
         # Instance attributes, so that a handler's call goes straight to the compiled method.
         self.begin_transfer = self.transfers.begin

@@ -229,18 +229,19 @@ class Generation:
     a process can tell cheaply whether what it read before is still current."""
 
     def __init__(self, words: memoryview, index: int) -> None:
-        self._words = words
-        self._index = index
+        # A per-request check reads ``words[index]`` itself: a method call costs more than the check.
+        self.words = words
+        self.index = index
 
     def current(self) -> int:
-        return self._words[self._index]
+        return self.words[self.index]
 
     def bump(self) -> None:
         """Call under the lock that guards the thing: a read-modify-write."""
-        self._words[self._index] += 1
+        self.words[self.index] += 1
 
     def changed(self, seen: int) -> bool:
-        return self._words[self._index] != seen
+        return self.words[self.index] != seen
 
     def statistics(self) -> dict[str, int]:
         return {"generation": self.current()}

@@ -39,15 +39,21 @@ cdef class Transfers:
     cdef Py_ssize_t npfns
     cdef int page_shift, chunk_shift, pin_bias, in_image
     cdef Py_ssize_t nr_pin_acquired, nr_pin_released, nr_get_page, nr_put_page
+    # The I/O counters: a file's slot is its base plus the file code (counters.file_slot_base).
+    cdef Py_ssize_t file_reads, file_writes, file_read_bytes, file_write_bytes
+    cdef Py_ssize_t direct_reads, direct_writes, direct_read_bytes, direct_write_bytes
+    cdef int64_t max_file
     # The transfer in flight.
     cdef readonly bint in_flight
     cdef bint pin
     cdef int64_t pid, file, pfn, npages, since
 
     def __init__(self, registry, *, backed, words, int gate_word, int page_shift, int chunk_shift,
-                 int pin_bias, int in_image, counter_slots):
+                 int pin_bias, int in_image, counter_slots, io_slots, int max_file):
         """``counter_slots``: the indexes of nr_foll_pin_acquired, nr_foll_pin_released,
-        nr_get_page and nr_put_page in a counter row."""
+        nr_get_page and nr_put_page in a counter row; ``io_slots``: of the reads, writes,
+        read_bytes and write_bytes of file code 0, then of direct_reads, direct_writes,
+        direct_read_bytes and direct_write_bytes. File codes go from 1 to ``max_file``."""
         self.registry = registry
         self.backed = backed
         self.words = words
@@ -55,6 +61,9 @@ cdef class Transfers:
         self.page_shift, self.chunk_shift = page_shift, chunk_shift
         self.pin_bias, self.in_image = pin_bias, in_image
         self.nr_pin_acquired, self.nr_pin_released, self.nr_get_page, self.nr_put_page = counter_slots
+        (self.file_reads, self.file_writes, self.file_read_bytes, self.file_write_bytes,
+         self.direct_reads, self.direct_writes, self.direct_read_bytes, self.direct_write_bytes) = io_slots
+        self.max_file = max_file
         self.in_flight = False
 
     cdef inline bint _all_in_image(self, int64_t pfn, int64_t npages):
@@ -129,3 +138,23 @@ cdef class Transfers:
             self.registry._drop_reference(pfn, npages, delta)
         if self.words[self.gate_word]:
             self.registry._trace_end(self.pin, self.pid, self.file, pfn, npages)
+
+    # A request's I/O counters: four read-modify-writes of memoryview items cost ~0.2-0.4 µs in
+    # CPython, a tenth of that here.
+    def count_read(self, int64_t file, int64_t size, bint direct):
+        if not 0 < file <= self.max_file:
+            raise ValueError(f"no data file has code {file}")
+        self.counters[self.file_reads + file] += 1
+        self.counters[self.file_read_bytes + file] += size
+        if direct:
+            self.counters[self.direct_reads] += 1
+            self.counters[self.direct_read_bytes] += size
+
+    def count_write(self, int64_t file, int64_t size, bint direct):
+        if not 0 < file <= self.max_file:
+            raise ValueError(f"no data file has code {file}")
+        self.counters[self.file_writes + file] += 1
+        self.counters[self.file_write_bytes + file] += size
+        if direct:
+            self.counters[self.direct_writes] += 1
+            self.counters[self.direct_write_bytes] += size
