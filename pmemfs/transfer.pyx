@@ -142,19 +142,19 @@ cdef class Transfers:
     # A request's I/O counters: four read-modify-writes of memoryview items cost ~0.2-0.4 µs in
     # CPython, a tenth of that here.
     def count_read(self, int64_t file, int64_t size, bint direct):
-        if not 0 < file <= self.max_file:
-            raise ValueError(f"no data file has code {file}")
-        self.counters[self.file_reads + file] += 1
-        self.counters[self.file_read_bytes + file] += size
-        if direct:
-            self.counters[self.direct_reads] += 1
-            self.counters[self.direct_read_bytes] += size
+        self._count(self.file_reads, self.file_read_bytes, self.direct_reads, self.direct_read_bytes, file, size, direct)
 
     def count_write(self, int64_t file, int64_t size, bint direct):
+        self._count(self.file_writes, self.file_write_bytes, self.direct_writes, self.direct_write_bytes, file, size,
+                    direct)
+
+    cdef inline int _count(self, Py_ssize_t requests, Py_ssize_t nbytes, Py_ssize_t direct_requests,
+                           Py_ssize_t direct_bytes, int64_t file, int64_t size, bint direct) except -1:
         if not 0 < file <= self.max_file:
             raise ValueError(f"no data file has code {file}")
-        self.counters[self.file_writes + file] += 1
-        self.counters[self.file_write_bytes + file] += size
+        self.counters[requests + file] += 1
+        self.counters[nbytes + file] += size
         if direct:
-            self.counters[self.direct_writes] += 1
-            self.counters[self.direct_write_bytes] += size
+            self.counters[direct_requests] += 1
+            self.counters[direct_bytes] += size
+        return 0
