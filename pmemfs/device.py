@@ -99,9 +99,9 @@ class OpensHold:
 
     def may_open(self) -> bool:
         """For an open of a data file, counted already: whether it may go on (see the module doc)."""
-        words, held, alive = self._words, self._held, self._device._alive
+        words, held, device = self._words, self._held, self._device
         deadline = time.monotonic() + OPEN_WAIT_S
-        while words[held] or not words[alive]:
+        while words[held] or not device.alive:
             if time.monotonic() > deadline:
                 return False
             time.sleep(OPEN_POLL_S)
