@@ -1,9 +1,10 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, cdivision=True
-"""The I/O transfer's page references: the registry's only code that runs for every request.
+"""What every request does to shared state: its transfer's page references, and its I/O counters.
 
 Compiled because CPython was its cost (docs/performance.md): reading a memoryview item and adding
-to it is ~55 ns in the interpreter, and the transfer does six of them plus its glue, ~1.2 µs of a
-4k request's ~7 µs of daemon CPU. Here it is a few loads and stores.
+to it is ~55 ns in the interpreter (~100 on a slow day), and a request did ten of them plus their
+glue, ~1.2 µs of a 4k request's ~7 µs of daemon CPU. Here it is a few loads and stores; what is
+left is the cache miss on the page's record, which no compiler removes.
 
 The contract is pages.py's (stated there, once): the reference is stored, then the I/O gate is
 read; a transfer lasts until the serving loop ends it; a second one in flight is a bug. This
