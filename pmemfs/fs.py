@@ -137,7 +137,12 @@ class PmemOperations(pyfuse3.Operations):
         self.data_size = region.data_size
         self.track_references = track_references
         # Compiled (transfer.pyx), and kept here: the I/O path calls them once a request.
-        self.count_read, self.count_write = registry.transfers.count_read, registry.transfers.count_write
+        transfers = registry.transfers
+        self.begin_read, self.count_read, self.count_write = (
+            transfers.begin_read,
+            transfers.count_read,
+            transfers.count_write,
+        )
         self.initialized = False
         self._control = {FIRST_CONTROL_FILE_INODE + i: f for i, f in enumerate(control_files)}
         self._control_by_name = {f.name.encode(): inode for inode, f in self._control.items()}
@@ -337,9 +342,10 @@ class PmemOperations(pyfuse3.Operations):
                 self.badblocks.check_read(off, size)
             if self.track_references:
                 # The reply is copied out of the mapping after we return: the serving loop ends the
-                # transfer once it is out (pages.py).
-                self.registry.begin_transfer(direct, handle.pid, handle.file_code, off, size)
-            self.count_read(handle.file_code, size, direct)
+                # transfer once it is out (pages.py). Counted in the same call.
+                self.begin_read(direct, handle.pid, handle.file_code, off, size)
+            else:
+                self.count_read(handle.file_code, size, direct)
             return self.region.read(off, size)
         except pyfuse3.FUSEError:
             raise

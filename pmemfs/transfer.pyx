@@ -97,6 +97,14 @@ cdef class Transfers:
 
     def begin(self, bint pin, int64_t pid, int64_t file, int64_t off, int64_t size):
         """Reference the pages of bytes [off, off + size): a pin for direct I/O, get_page else."""
+        self._begin(pin, pid, file, off, size)
+
+    def begin_read(self, bint pin, int64_t pid, int64_t file, int64_t off, int64_t size):
+        """``begin``, then ``count_read``: a read handler's one call when references are tracked."""
+        self._begin(pin, pid, file, off, size)
+        self._count(self.file_reads, self.file_read_bytes, self.direct_reads, self.direct_read_bytes, file, size, pin)
+
+    cdef int _begin(self, bint pin, int64_t pid, int64_t file, int64_t off, int64_t size) except -1:
         if self.in_flight:
             raise AssertionError(f"a serving process began a second transfer with {self.transfer} in flight")
         cdef int64_t pfn = off >> self.page_shift
@@ -117,6 +125,7 @@ cdef class Transfers:
         self.counters[self.nr_pin_acquired if pin else self.nr_get_page] += npages
         self.pin, self.pid, self.file, self.pfn, self.npages, self.since = pin, pid, file, pfn, npages, since
         self.in_flight = True
+        return 0
 
     def end(self):
         """Drop the reference of the transfer in flight, if any: its reply is out."""
