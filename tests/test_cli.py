@@ -219,31 +219,36 @@ def test_the_cli_waits_for_a_starting_daemon_as_long_as_it_makes_progress(monkey
 
     monkeypatch.setattr(client, "MOUNT_TIMEOUT_S", 0.5)
 
-    # Stands for the daemon: writes each line to its ready pipe after a pause, then exits (the pipe
-    # closes: mounted), or with a long pause stays silent.
+    # Stands for the daemon: one step of its work takes ``step_s``, after which it writes the next
+    # line to its ready pipe; then it exits (the pipe closes: mounted), or with "hang" it goes silent
+    # until it is killed. The steps' time is the stimulus: it is what the CLI's deadline measures.
     daemon_script = (
-        "import os, sys, time\n"
-        "for line in sys.argv[3:]:\n"
-        "    time.sleep(float(sys.argv[2]))\n"
-        "    os.write(int(sys.argv[1]), line.encode() + b'\\n')\n"
+        "import os, signal, sys, time\n"
+        "fd, step_s, then = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]\n"
+        "for line in sys.argv[4:]:\n"
+        "    time.sleep(step_s)\n"
+        "    os.write(fd, line.encode() + b'\\n')\n"
+        "if then == 'hang':\n"
+        "    signal.pause()\n"
     )
 
-    def start(lines: list[bytes], pause_s: float) -> tuple[int, subprocess.Popen]:
+    def start(lines: list[bytes], step_s: float, then: str) -> tuple[int, subprocess.Popen]:
         read_end, write_end = os.pipe()
         daemon = subprocess.Popen(
-            [sys.executable, "-c", daemon_script, str(write_end), str(pause_s), *(x.decode() for x in lines)],
+            [sys.executable, "-c", daemon_script, str(write_end), str(step_s), then, *(x.decode() for x in lines)],
             pass_fds=[write_end],
         )
         os.close(write_end)
         return read_end, daemon
 
-    read_end, daemon = start([b"progress reading the registry records: %d%%" % p for p in range(0, 100, 20)], 0.3)
+    steps = [b"progress reading the registry records: %d%%" % p for p in range(0, 100, 20)]
+    read_end, daemon = start(steps, 0.3, "exit")
     try:
         assert client._read_until_eof(read_end, daemon) == ""  # 1.5 s of progress, each step within 0.5 s
         assert daemon.wait(timeout=10) == 0  # not killed
     finally:
         os.close(read_end)
-    read_end, daemon = start([b"progress reading the registry records: 10%", b"never written"], 9)
+    read_end, daemon = start([b"progress reading the registry records: 10%"], 0, "hang")
     try:
         assert "made no progress" in client._read_until_eof(read_end, daemon)
         assert daemon.wait(timeout=10) == -signal.SIGKILL

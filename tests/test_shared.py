@@ -6,6 +6,8 @@ codec and the transfer contract."""
 from __future__ import annotations
 
 import os
+import select
+import signal
 import time
 from collections.abc import Callable
 
@@ -47,14 +49,14 @@ def in_children(*works: Callable[[], object], timeout_s: float = 30.0) -> list[i
     deadline = time.monotonic() + timeout_s
     codes = []
     for pid in pids:
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                codes.append(os.waitstatus_to_exitcode(status))
-                break
-            if time.monotonic() > deadline:
-                os.kill(pid, 9)
-            time.sleep(0.005)
+        # A pidfd becomes readable when its process exits: wait for that, up to the deadline.
+        pidfd = os.pidfd_open(pid)
+        try:
+            if not select.select([pidfd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                os.kill(pid, signal.SIGKILL)
+        finally:
+            os.close(pidfd)
+        codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
     return codes
 
 

@@ -264,11 +264,15 @@ def test_progress_is_plain_lines_off_a_terminal_and_nothing_when_quiet() -> None
 def test_progress_on_a_terminal_is_a_bar_that_goes_away() -> None:
     main, secondary = os.openpty()
     with os.fdopen(secondary, "w") as terminal:
+        shown = b""
         with open_progress("zero", stream=terminal, delay_s=0) as progress:
             progress("zeroing 1099511627776 bytes at offset 0", 1, 4)
-            time.sleep(0.3)  # the bar refreshes in its own thread
-        shown = b""
-        while True:
+            deadline = time.monotonic() + 10
+            while b"25%" not in shown:  # the bar is drawn by its own refresh thread
+                assert time.monotonic() < deadline, f"no bar within 10 s: {shown!r}"
+                if _readable(main):
+                    shown += os.read(main, 65536)
+        while True:  # then what closing it wrote (the erase)
             try:
                 chunk = os.read(main, 65536) if _readable(main) else b""
             except OSError:
