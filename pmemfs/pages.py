@@ -64,8 +64,6 @@ __all__ = [
 NR_PIN_ACQUIRED, NR_PIN_RELEASED, NR_GET_PAGE, NR_PUT_PAGE, NR_UNBALANCED, NR_REFUSED = (
     COUNTER[n] for n in REGISTRY_COUNTERS
 )
-# A transfer in flight: (pin, pid, file code, pfn, npages, since_ns); a tuple costs a fifth of a NamedTuple.
-Transfer = tuple[bool, int, int, int, int, int]
 
 
 class PageRegistry:
@@ -227,11 +225,6 @@ class PageRegistry:
     def _trace_end(self, pin: bool, pid: int, file: int, pfn: int, npages: int) -> None:
         if self.io_trace.on:
             self.ring.record(time.time_ns(), WHAT_UNPIN if pin else WHAT_PUT, pid, file, pfn, npages)
-
-    @property
-    def transfer(self) -> Transfer | None:
-        """The transfer in flight in this process: (pin, pid, file code, pfn, npages, since_ns)."""
-        return self.transfers.transfer
 
     def excluding_transfers(self, pfn: int, npages: int) -> contextlib.AbstractContextManager[None]:
         """Keep new references out of [pfn, pfn + npages) while a zero checks and clears it (gates.ZeroGate)."""

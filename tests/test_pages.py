@@ -127,10 +127,10 @@ def test_transfers_are_compiled_and_leave_the_fast_path_where_the_sums_must_deci
     # A range across two chunks of records that nobody backed yet: the registry backs them.
     first = CHUNK_PAGES - 3
     registry.begin_transfer(True, 7, 1, first * PAGE_SIZE, 6 * PAGE_SIZE)
-    assert registry.transfers.in_flight and registry.transfer == (True, 7, 1, first, 6, 0)
+    assert registry.transfers.transfer == (True, 7, 1, first, 6, 0)
     assert registry.refcounts(first, 6).tolist() == [GUP_PIN_COUNTING_BIAS] * 6
     registry.end_transfer()
-    assert not registry.transfers.in_flight and registry.transfer is None
+    assert not registry.transfers.in_flight and registry.transfers.transfer is None
     assert registry.refcounts(first, 6).tolist() == [0] * 6
     # Page 9's reference was taken by another process and dropped by this one, so this process's
     # word is below what its transfer puts back: the sums decide, and allow it.
