@@ -158,13 +158,6 @@ def open_log(log_path: str, *, default: bool) -> int:
     return fd
 
 
-def start_daemon(
-    image: str, mountpoint: str, *, log_path: str | None = None, debug: bool = False, daemon_args: tuple[str, ...] = ()
-) -> int:
-    """Start a background daemon and return its pid once the mount answers requests."""
-    return spawn_daemon(image, mountpoint, log_path=log_path, debug=debug, daemon_args=daemon_args).pid
-
-
 def spawn_daemon(
     image: str,
     mountpoint: str,
@@ -544,7 +537,8 @@ def zero(
             except PmemfsError as err:
                 if err.errno != errno.EBUSY:
                     raise
-                busy = first_busy(mountpoint, offset, length)
+                # Who holds it costs the daemon a scan of the registry: asked only when someone is shown.
+                busy = first_busy(mountpoint, offset, length) if progress is not no_progress else None
                 if busy:
                     holder = f": {holder_summary(oldest(busy[1]))}" if busy[1] else ""
                     progress(f"waiting for busy page {busy[0]}{holder}")
@@ -594,7 +588,7 @@ def drain_references(
 
     def drained() -> bool:
         left = read_status(mountpoint)["registry"]["referenced_pages"]
-        if left:
+        if left and progress is not no_progress:  # the holders cost the daemon a scan of the registry
             first[:] = first or [left]
             holders = read_pages(mountpoint)["holders"]
             who = f"; oldest: {holder_summary(oldest(holders))}" if holders else ""

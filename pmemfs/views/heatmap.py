@@ -96,18 +96,13 @@ def reduce_ranges(layout: Layout, pfn: np.ndarray, npages: np.ndarray, level: np
 
 
 def bad_cells(layout: Layout, badblocks: list[tuple[int, int]]) -> np.ndarray:
-    """Which cells hold a poisoned sector, as (rows, columns) booleans."""
-    marked = np.zeros(layout.rows * layout.columns, np.uint8)
-    if badblocks:
-        extents = np.asarray(badblocks, np.int64)
-        sectors_per_cell = layout.cell_bytes // SECTOR_SIZE
-        first = extents[:, 0] // sectors_per_cell
-        last = (extents[:, 0] + extents[:, 1] - 1) // sectors_per_cell
-        ones = np.ones(len(extents), np.uint8)
-        pfn, npages = first * layout.cell_pages, (last - first + 1) * layout.cell_pages
-        marked = reduce_ranges(layout, pfn, np.minimum(npages, layout.npfns - pfn), ones).reshape(-1)
-        marked[layout.cells :] = 0
-    return marked.reshape(layout.rows, layout.columns).astype(bool)
+    """Which cells hold a poisoned sector, as (rows, columns) booleans: the pages of each extent,
+    reduced as the references are."""
+    extents = np.asarray(badblocks, np.int64).reshape(-1, 2)
+    sectors_per_page = PAGE_SIZE // SECTOR_SIZE
+    first = extents[:, 0] // sectors_per_page
+    npages = (extents[:, 0] + extents[:, 1] - 1) // sectors_per_page - first + 1
+    return reduce_ranges(layout, first, npages, np.ones(len(extents), np.uint8)) == 1
 
 
 def draw(
