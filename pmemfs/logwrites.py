@@ -67,7 +67,7 @@ from .writelog import (
 log = logging.getLogger("pmemfs")
 
 # The cells, as int64 words of the shared ``writelog`` area.
-NEXT_BLOCK, ENTRIES, WRITES, ZEROS, FLUSHES, MARKS, FULL, CLOSED = range(8)
+NEXT_BLOCK, ENTRIES, WRITES, ZEROS, FLUSHES, MARKS, FULL = range(7)
 # replay-log writes zeros for a DISCARD it cannot discard only up to this many bytes at once.
 DISCARD_MAX_SECTORS = (128 << 20) // SECTOR_SIZE
 DEFAULT_MAX_BYTES = 1 << 30
@@ -122,13 +122,15 @@ class WriteLog:
         first, end = offset // SECTOR_SIZE, -(-(offset + size) // SECTOR_SIZE)
         with self._lock:
             self._reserve(1 + end - first, f"the write at byte {offset} ({size} bytes)")
-            if offset % SECTOR_SIZE or size % SECTOR_SIZE:
-                logged = self._sectors(first, end)
-                logged[offset - first * SECTOR_SIZE : offset - first * SECTOR_SIZE + size] = data
-                sectors: bytes | bytearray | memoryview = logged
-            else:
-                sectors = data
-            staged = self._stage([(pack_entry(first, end - first, 0), sectors)])
+            # The whole sectors it lands in are logged: what the media holds around it (read before the
+            # store, which the lock keeps from changing), then the data itself, both without a copy.
+            head, tail = offset - first * SECTOR_SIZE, end * SECTOR_SIZE - offset - size
+            staged = self._stage([(
+                pack_entry(first, end - first, 0),
+                self.region.read(first * SECTOR_SIZE, head) if head else b"",
+                data,
+                self.region.read(offset + size, tail) if tail else b"",
+            )])  # fmt: skip
             self.region.write(offset, data)
             self._commit(staged, 1, WRITES)
 
@@ -138,15 +140,11 @@ class WriteLog:
         first, end = offset // SECTOR_SIZE, -(-(offset + length) // SECTOR_SIZE)
         with self._lock:
             partial = [s for s in sorted({first, end - 1}) if not first_whole <= s < end_whole]
-            if first_whole >= end_whole:
-                partial, whole = list(range(first, end)), []
-            else:
-                whole = [
-                    (s, min(DISCARD_MAX_SECTORS, end_whole - s))
-                    for s in range(first_whole, end_whole, DISCARD_MAX_SECTORS)
-                ]
+            whole = [
+                (s, min(DISCARD_MAX_SECTORS, end_whole - s)) for s in range(first_whole, end_whole, DISCARD_MAX_SECTORS)
+            ]
             self._reserve(2 * len(partial) + len(whole), f"the zero of {offset}+{length}")
-            pieces: list[tuple[bytes, bytes | bytearray | memoryview]] = []
+            pieces: list[tuple[bytes | bytearray | memoryview, ...]] = []
             for sector in partial:
                 # What the partial sector holds once the zero is done.
                 content = self._sectors(sector, sector + 1)
@@ -192,23 +190,23 @@ class WriteLog:
     def _sectors(self, first: int, end: int) -> bytearray:
         return bytearray(self.region.read(first * SECTOR_SIZE, (end - first) * SECTOR_SIZE))
 
-    def _stage(self, pieces: Sequence[tuple[bytes, bytes | bytearray | memoryview]]) -> int:
+    def _stage(self, pieces: Sequence[tuple[bytes | bytearray | memoryview, ...]]) -> int:
         """Write entries and their data at NEXT_BLOCK, uncounted; return the block after them. A log
         whose filesystem cannot take them stops (ENOSPC for the store, which has not happened)."""
         at = self._words[NEXT_BLOCK]
         buffers = [buffer for piece in pieces for buffer in piece if len(buffer)]
-        length = sum(len(buffer) for buffer in buffers)
+        lengths = list(map(len, buffers))
+        length = sum(lengths)
         written, reason = 0, ""
         # A zero of a huge range has thousands of DISCARD entries: pwritev takes at most IOV_MAX buffers.
         for group in range(0, len(buffers), IOV_BATCH):
-            batch = buffers[group : group + IOV_BATCH]
             try:
-                done = os.pwritev(self.fd, batch, at * SECTOR_SIZE + written)
+                done = os.pwritev(self.fd, buffers[group : group + IOV_BATCH], at * SECTOR_SIZE + written)
             except OSError as err:
                 reason = str(err.strerror)
                 break
             written += done
-            if done != sum(len(buffer) for buffer in batch):
+            if done != sum(lengths[group : group + IOV_BATCH]):
                 reason = f"{written} of {length} bytes written"
                 break
         if written != length:
@@ -238,12 +236,9 @@ class WriteLog:
         at = self._words[NEXT_BLOCK]
         try:
             os.pwrite(self.fd, pack_entry(0, 0, MARK, FULL_MARK.encode()), at * SECTOR_SIZE)
-            self._words[NEXT_BLOCK] = at + 1
-            self._words[ENTRIES] += 1
-            self._words[MARKS] += 1
+            self._commit(at + 1, 1, MARKS)
         except OSError:
             pass  # the filesystem under the log is full too: the super's flag says it all the same
-        self._write_nr_entries()
         self._set_flag(STOPPED_FULL)
 
     def _set_flag(self, flag: int) -> None:
@@ -259,7 +254,6 @@ class WriteLog:
                     if not self._words[FULL] and self._fits(1):
                         self._commit(self._stage([(pack_entry(0, 0, MARK, END_MARK.encode()), b"")]), 1, MARKS)
                     self._set_flag(CLOSED_CLEAN)
-                    self._words[CLOSED] = 1
                 os.fsync(self.fd)
         finally:
             os.close(self.fd)
