@@ -21,7 +21,7 @@ from test_shared import in_children
 from pmemfs import logwrites, writelog
 from pmemfs.errors import NoSpace, PmemfsError
 from pmemfs.region import Region
-from pmemfs.replay import Checker, EachPoint, Target, entry_at, find_mark, reorder_states, replay_to
+from pmemfs.replay import Checker, EachPoint, Target, entry_at, find_mark, opened, reorder_states, replay_to
 from pmemfs.writelog import LogFormatError, LogReader
 
 S = 512
@@ -178,20 +178,10 @@ def test_appends_from_several_processes_are_serialized(tmp_path) -> None:  # typ
 
         assert in_children(*(lambda t=t: writer(t) for t in range(3))) == [0, 0, 0]  # type: ignore[misc]
         final = bytes(region.read(0, 16 * 4096))
-    with replaying(tmp_path, log.path) as (reader, target):
+    with opened(log.path, str(tmp_path / "start.img")) as (reader, target):
         assert sum(1 for e in reader.entries if e.is_write) == 300
         replay_to(reader, target, len(reader.entries) - 1)
         assert data_area(target)[: 16 * 4096] == final
-
-
-@contextlib.contextmanager
-def replaying(tmp_path, log_path: str, image: str = "start.img") -> Iterator[tuple[LogReader, Target]]:  # type: ignore[no-untyped-def]
-    with LogReader(log_path) as reader:
-        target = Target(str(tmp_path / image), reader)
-        try:
-            yield reader, target
-        finally:
-            target.close()
 
 
 def data_area(target: Target) -> bytes:
@@ -206,7 +196,7 @@ def test_replay_to_a_mark_an_entry_a_flush(tmp_path) -> None:  # type: ignore[no
         log.write(0, b"2" * 4096)
         log.zero(0, 1024)
         log.flush()
-    with replaying(tmp_path, log.path) as (reader, target):
+    with opened(log.path, str(tmp_path / "start.img")) as (reader, target):
         assert entry_at(reader, mark="after-one") == 2
         assert entry_at(reader, flush=2) == 5 and entry_at(reader, entry=3) == 3
         replay_to(reader, target, entry_at(reader, mark="after-one"))
@@ -229,7 +219,7 @@ def test_replay_targets(tmp_path) -> None:  # type: ignore[no-untyped-def]
     with open(tmp_path / "pmem0.copy", "wb") as f:
         f.truncate(data_size)
     for name, kind in (("start.img", "pmemfs image"), ("new.img", "pmemfs image"), ("pmem0.copy", "copy of pmem0")):
-        with replaying(tmp_path, log.path, name) as (reader, target):
+        with opened(log.path, str(tmp_path / name)) as (reader, target):
             assert target.kind == kind
             replay_to(reader, target, len(reader.entries) - 1)
             assert data_area(target)[8192 : 8192 + 4096] == b"z" * 4096
@@ -285,7 +275,7 @@ def each(tmp_path, log_path: str, kind: str, **options) -> tuple[object, list[st
     """Replay ``--each`` onto a fresh copy of the start image; what failed, the table, the walk."""
     lines: list[str] = []
     shutil.copyfile(tmp_path / "start.img", tmp_path / "work.img")
-    with replaying(tmp_path, log_path, "work.img") as (reader, target):
+    with opened(log_path, str(tmp_path / "work.img")) as (reader, target):
         checker = Checker(checker_command(CHECK_RECORD), target, reader, mount=False)
         walk = EachPoint(reader, target, checker, kind, 0, say=lines.append, **options)
         failed = walk.run()
@@ -331,13 +321,13 @@ def test_reordered_crash_states_are_drawn_from_the_seed(tmp_path) -> None:  # ty
 def test_a_command_that_changes_the_image_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
     with logged_region(tmp_path) as (_, log):
         log.write(0, b"x" * S)
-    with replaying(tmp_path, log.path) as (reader, target):
+    with opened(log.path, str(tmp_path / "start.img")) as (reader, target):
         checker = Checker(checker_command("import sys; open(sys.argv[1], 'r+b').write(b'!')"), target, reader,
                           mount=False)  # fmt: skip
         with pytest.raises(PmemfsError, match="changed .* at point 1"):
             EachPoint(reader, target, checker, "write", 0, say=lambda line: None).run()
     # With --copy it changes a scratch copy, which goes; IMAGE holds what the log says.
-    with replaying(tmp_path, log.path) as (reader, target):
+    with opened(log.path, str(tmp_path / "start.img")) as (reader, target):
         writer = checker_command("import sys; open(sys.argv[1], 'r+b').write(b'!')")
         with Checker(writer, target, reader, copy=True) as checker:
             assert EachPoint(reader, target, checker, "write", 0, say=lambda line: None).run() is None
