@@ -134,8 +134,9 @@ class WriteLog:
             self.region.write(offset, data)
             self._commit(staged, 1, WRITES)
 
-    def zero(self, offset: int, length: int) -> None:
-        """Zero [offset, +length) of the data area (no flush: the caller flushes), and log it."""
+    def zero(self, offset: int, length: int, *, flush: bool = True) -> None:
+        """Zero [offset, +length) of the data area and log it; then flush (logged too), unless the
+        caller flushes later (Region.zero's contract)."""
         first_whole, end_whole = -(-offset // SECTOR_SIZE), (offset + length) // SECTOR_SIZE
         first, end = offset // SECTOR_SIZE, -(-(offset + length) // SECTOR_SIZE)
         with self._lock:
@@ -155,6 +156,8 @@ class WriteLog:
             staged = self._stage(pieces)
             self.region.zero(offset, length, flush=False)
             self._commit(staged, len(pieces), ZEROS)
+        if flush:
+            self.flush()
 
     def flush(self) -> None:
         """Flush the media, then log the flush (it covers every store logged before it)."""

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import functools
 import logging
 import os
 
@@ -60,7 +59,8 @@ class PinSessions:
         self.data_size = region.data_size
         self.write_log = write_log
         # A zero (and so clearing poison) reaches the media as a write does: logged when a log is asked.
-        self._zero = write_log.zero if write_log else functools.partial(region.zero, flush=False)
+        # Where a zero's stores and its flush go, as for the tree's writes (fs.py): logged when a log is kept.
+        self.media: Region | WriteLog = write_log or region
 
     def _check_range(self, offset: int, length: int) -> None:
         if offset < 0 or length <= 0 or offset + length > self.data_size:
@@ -150,8 +150,8 @@ class PinSessions:
                 holders = self.registry.holders_of(busy)
                 who = f" held by pid {holders[0].pid} ({holders[0].kind.value} on {holders[0].file})" if holders else ""
                 raise PageBusy(f"page {busy} (offset {busy * PAGE_SIZE}) is busy{who}")
-            self._zero(offset, length)
-        self.region.flush()
+            self.media.zero(offset, length, flush=False)
+        self.media.flush()
         self.badblocks.clear_whole_sectors(offset, length)
         self.registry.trace("zero", session.pid, "pmem0", pfn, npages, f"bytes {offset}+{length}")
 

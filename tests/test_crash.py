@@ -76,6 +76,9 @@ def test_everything_that_reaches_the_media_is_logged_and_replays(tmp_path) -> No
         assert reader.closed_clean and described[-1] == f"mark {writelog.END_MARK}"
         assert described[:2] == ["write sectors 0+8", "write sectors 9+1"]  # bytes 5000-5007 lie in sector 9
         assert "mark stored" in described and "discard sectors 0+4" in described and "discard sectors 16+2" in described
+        # A zero (pmemfs zero, clear-errors) is durable when it returns: its flush follows it in the log.
+        for discard in ("discard sectors 0+4", "discard sectors 16+2"):
+            assert described[described.index(discard) + 1] == "flush", described
         assert described.count("flush") >= 2 and "write sectors 24+8" in described
     result = pmemfs("replay", log_path, str(tmp_path / "replayed.img"), "--to", writelog.END_MARK)
     assert "replayed entries" in result.stdout

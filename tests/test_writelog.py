@@ -104,7 +104,7 @@ def test_writes_flushes_marks_and_zeros_are_logged_in_the_format(tmp_path) -> No
         log.flush()
         log.mark("one")
         log.write(1000, b"bc")  # not aligned: widened to its sector, as the media holds it after
-        log.zero(512 * 3 + 100, 512 * 2)  # a partial sector, a whole one, a partial one
+        log.zero(512 * 3 + 100, 512 * 2, flush=False)  # a partial sector, a whole one, a partial one
         stats = log.statistics()
     assert stats["entries"] == 7 and stats["writes"] == 2 and stats["flushes"] == 1 and stats["marks"] == 1
     with LogReader(log.path) as reader:
@@ -120,6 +120,15 @@ def test_writes_flushes_marks_and_zeros_are_logged_in_the_format(tmp_path) -> No
     # What the kernel's readers see: the super counts them all, each entry block is zero padded.
     raw = pathlib.Path(log.path).read_bytes()
     assert struct.unpack_from("<QQQI", raw) == (WRITE_LOG_MAGIC, 1, 8, 512)
+
+
+def test_a_zero_flushes_as_the_region_zero_does_and_the_flush_is_logged(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A zero is durable once done (pmemfs zero, clear-errors): the log shows the flush after it, so that
+    a replay to each flush sees it land."""
+    with logged_region(tmp_path) as (_, log):
+        log.zero(0, 4096)
+    with LogReader(log.path) as reader:
+        assert [e.describe() for e in reader.entries] == ["discard sectors 0+8", "flush", f"mark {writelog.END_MARK}"]
 
 
 def test_the_super_counts_every_commit_at_once(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -194,7 +203,7 @@ def test_replay_to_a_mark_an_entry_a_flush(tmp_path) -> None:  # type: ignore[no
         log.flush()
         log.mark("after-one")
         log.write(0, b"2" * 4096)
-        log.zero(0, 1024)
+        log.zero(0, 1024, flush=False)
         log.flush()
     with opened(log.path, str(tmp_path / "start.img")) as (reader, target):
         assert entry_at(reader, mark="after-one") == 2
@@ -375,7 +384,7 @@ def test_xfstests_replay_log_reads_our_log(tmp_path) -> None:  # type: ignore[no
         log.write(0, b"a" * 8192)
         log.mark("half")
         log.write(4096, b"b" * 600)  # not aligned
-        log.zero(0, 1024)
+        log.zero(0, 1024, flush=False)
         log.flush()
         media = bytes(region.read(0, 8192))
     with open(tmp_path / "copy", "wb") as f:
