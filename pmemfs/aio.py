@@ -24,6 +24,7 @@ import trio
 
 from .api import MountedRegion, open_region
 from .mount import SETTLE_S, Pin
+from .writelog import DEFAULT_MAX_BYTES
 
 if TYPE_CHECKING:
     from .dax import DaxMapping
@@ -144,7 +145,7 @@ class AsyncMountedRegion:
         await _in_thread(self.sync.mark, name)
 
     async def remount(
-        self, *, log_writes: str | os.PathLike[str] | None = None, log_writes_max: int | str = "1G"
+        self, *, log_writes: str | os.PathLike[str] | None = None, log_writes_max: int | str = DEFAULT_MAX_BYTES
     ) -> None:
         await _in_thread(self.sync.remount, log_writes=log_writes, log_writes_max=log_writes_max)
 
@@ -171,7 +172,7 @@ async def open_region_async(
     unmount_timeout_s: float = 30.0,
     trace_io: bool = False,
     log_writes: str | os.PathLike[str] | None = None,
-    log_writes_max: int | str = "1G",
+    log_writes_max: int | str = DEFAULT_MAX_BYTES,
 ) -> AsyncIterator[AsyncMountedRegion]:
     """:func:`pmemfs.open_region` for trio code: ``async with``, the same arguments, an
     :class:`AsyncMountedRegion`. The region is unmounted on the way out even when the task is cancelled."""

@@ -30,6 +30,7 @@ from .errors import MountError, PmemfsError, UsageError
 from .mount import Mount
 from .options import DEFAULT_SPIN_US, MAX_SPIN_US, MAX_WORKERS, default_workers
 from .sizes import parse_size
+from .writelog import DEFAULT_MAX_BYTES
 
 
 def daemon_arguments(serve: str = "fast", workers: int | None = None, spin_us: int | None = None) -> tuple[str, ...]:
@@ -68,8 +69,6 @@ class MountedRegion(Mount):
         #: The daemon's log; it outlives the daemon, so a test can read what a crashed one said.
         self.log = os.path.join(workdir, "daemon.log")
         self._daemon_args = daemon_args
-        # The write log of the next mount only: a log is never written over, so a remount does not reuse it.
-        self._log_args: tuple[str, ...] = ()
         self._daemon: subprocess.Popen[bytes] | None = None
         #: How long leaving the ``with`` block waits for page references to drain before it gives up.
         self.unmount_timeout_s = 30.0
@@ -89,8 +88,9 @@ class MountedRegion(Mount):
             raise MountError(f"{self.mountpoint}: the region is not mounted (killed; call remount())")
         return self._daemon.pid
 
-    def _start(self) -> None:
-        log_args, self._log_args = self._log_args, ()
+    def _start(self, log_args: tuple[str, ...] = ()) -> None:
+        """Mount, recording a write log when ``log_args`` say so: a log is never written over, so
+        each mount is given its own (or none)."""
         self._daemon = client.spawn_daemon(
             self.image, self.mountpoint, log_path=self.log, daemon_args=self._daemon_args + log_args
         )
@@ -140,13 +140,14 @@ class MountedRegion(Mount):
             client.cleanup_dead_mount(self.mountpoint)
         return killed
 
-    def remount(self, *, log_writes: str | os.PathLike[str] | None = None, log_writes_max: int | str = "1G") -> None:
+    def remount(
+        self, *, log_writes: str | os.PathLike[str] | None = None, log_writes_max: int | str = DEFAULT_MAX_BYTES
+    ) -> None:
         """Unmount (cleanly, if a daemon serves) and mount the same image again, recording a new
         write log in ``log_writes`` if given."""
         if self._daemon is not None:
             self._unmount()
-        self._log_args = log_arguments(log_writes, log_writes_max)
-        self._start()
+        self._start(log_arguments(log_writes, log_writes_max))
 
     def unmount(self, *, timeout_s: float = 30.0) -> str:
         """Unmount cleanly now (:meth:`remount` mounts again); raise, the mount still up, if busy."""
@@ -232,7 +233,7 @@ def open_region(
     unmount_timeout_s: float = 30.0,
     trace_io: bool = False,
     log_writes: str | os.PathLike[str] | None = None,
-    log_writes_max: int | str = "1G",
+    log_writes_max: int | str = DEFAULT_MAX_BYTES,
 ) -> Iterator[MountedRegion]:
     """Mount a region for the ``with`` block and unmount it on the way out, whatever happened.
 
@@ -267,12 +268,11 @@ def open_region(
         os.makedirs(mountpoint, exist_ok=True)
         region = MountedRegion(image, mountpoint, workdir, daemon_args=daemon_args, remove_workdir=directory is None)
         region.unmount_timeout_s, region.trace_io = unmount_timeout_s, trace_io
-        region._log_args = log_arguments(log_writes, log_writes_max)
         if owned_mountpoint:
             # Before the mount: a run killed at any point leaves nothing that the next run's sweep
             # (pmemfs.owners) cannot recognise as an orphan.
             owners.claim(workdir, region.image, region.mountpoint)
-        region._start()
+        region._start(log_arguments(log_writes, log_writes_max))
     except BaseException:
         _release(workdir, os.path.join(workdir, "mnt"), directory is None)
         raise

@@ -6,6 +6,7 @@ import dataclasses
 import os
 from collections.abc import Callable
 
+from .client import Progress, no_progress
 from .errors import CorruptImage, PmemfsError, UsageError
 from .infoblock import (
     BADBLOCKS_MAX,
@@ -69,7 +70,7 @@ class ImageChecker:
         self.geometry: Geometry | None = None
         self.report = Report()
 
-    def run(self, repair: bool, progress: Callable[..., None] = lambda text, done=None, total=None: None) -> Report:
+    def run(self, repair: bool, progress: Progress) -> Report:
         steps: list[tuple[str, Callable[[], None]]] = [
             ("file size", self.check_file_size),
             ("header", lambda: self.check_header(repair)),
@@ -199,9 +200,7 @@ class ImageChecker:
         os.fdatasync(self.fd)
 
 
-def check_image(
-    path: str, *, repair: bool = False, progress: Callable[..., None] = lambda text, done=None, total=None: None
-) -> Report:
+def check_image(path: str, *, repair: bool = False, progress: Progress = no_progress) -> Report:
     """Check (and with ``repair``, repair) the image at ``path``; ``progress(text, done, total)``
     hears of each invariant as its check starts."""
     fd = open_image(path, writable=repair)

@@ -19,6 +19,8 @@ from .errors import MountError, PmemfsError, UsageError
 from .mount import Mount
 from .options import DEFAULT_SPIN_US, MAX_SPIN_US, MAX_WORKERS, default_workers
 from .sizes import format_size, parse_size
+from .writelog import DEFAULT_MAX_BYTES as DEFAULT_LOG_MAX_BYTES
+from .writelog import MARK_MAX
 
 # typing.TYPE_CHECKING would load typing (mount.py says why not); type checkers know the name.
 TYPE_CHECKING = False
@@ -496,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument(
         "--log-writes-max",
         type=_size,
-        default=1 << 30,
+        default=DEFAULT_LOG_MAX_BYTES,
         metavar="SIZE",
         help="the write log's size limit (default 1G): once full, the log ends with the mark "
         "pmemfs-log-full and every write fails with ENOSPC",
@@ -513,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     mark = commands.add_parser("mark", help="add a named mark to the write log (mount --log-writes)")
     mark.add_argument("mountpoint")
-    mark.add_argument("name", help="printable, no spaces, at most 479 bytes")
+    mark.add_argument("name", help=f"printable, no spaces, at most {MARK_MAX} bytes")
     mark.set_defaults(func=cmd_mark)
 
     replay = commands.add_parser(

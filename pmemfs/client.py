@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from .errors import MountError, PmemfsError
 from .loops import loop_devices_for
+from .writelog import MARK_MAX
 
 # How long a starting daemon may go without a sign of progress before the CLI gives up on it.
 MOUNT_TIMEOUT_S = 15.0
@@ -564,7 +565,7 @@ PIN_ERRORS = {
 MARK_ERRORS = {
     errno.ENODEV: "this mount records no write log (mount it with --log-writes LOGFILE)",
     errno.ENOSPC: "the write log is full",
-    errno.EINVAL: "not a mark name: printable characters without spaces, at most 479 bytes",
+    errno.EINVAL: f"not a mark name: printable characters without spaces, at most {MARK_MAX} bytes",
 }
 
 

@@ -33,12 +33,12 @@ from .control import control_files
 from .errors import PmemfsError
 from .fs import PmemOperations
 from .infoblock import SECTOR_SIZE
-from .logwrites import DEFAULT_MAX_BYTES as DEFAULT_LOG_MAX_BYTES
 from .logwrites import WriteLog
 from .memmap import open_registry, reset_records
 from .pages import PageRegistry
 from .region import Region
 from .sessions import PinSessions
+from .writelog import DEFAULT_MAX_BYTES
 
 log = logging.getLogger("pmemfs")
 
@@ -68,7 +68,7 @@ def run(
     workers: int = 1,
     spin_us: int = serving.DEFAULT_SPIN_US,
     log_writes: str | None = None,
-    log_writes_max: int = DEFAULT_LOG_MAX_BYTES,
+    log_writes_max: int = DEFAULT_MAX_BYTES,
 ) -> int:
     """Serve IMAGE at MOUNTPOINT until unmounted; return the process exit code.
 
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=serving.default_workers())
     parser.add_argument("--spin-us", type=int, default=serving.DEFAULT_SPIN_US)
     parser.add_argument("--log-writes", help="record every write, flush and mark in this dm-log-writes log")
-    parser.add_argument("--log-writes-max", type=int, default=DEFAULT_LOG_MAX_BYTES)
+    parser.add_argument("--log-writes-max", type=int, default=DEFAULT_MAX_BYTES)
     # Where the CLI that started us runs pmemfs from: the daemon must run the same code.
     parser.add_argument("--package-dir")
     args = parser.parse_args(argv)

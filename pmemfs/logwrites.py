@@ -49,6 +49,7 @@ from .region import Region
 from .shared import Lock, SharedState
 from .writelog import (
     CLOSED_CLEAN,
+    DEFAULT_MAX_BYTES,
     DISCARD,
     END_MARK,
     FLUSH,
@@ -70,7 +71,6 @@ log = logging.getLogger("pmemfs")
 NEXT_BLOCK, ENTRIES, WRITES, ZEROS, FLUSHES, MARKS, FULL = range(7)
 # replay-log writes zeros for a DISCARD it cannot discard only up to this many bytes at once.
 DISCARD_MAX_SECTORS = (128 << 20) // SECTOR_SIZE
-DEFAULT_MAX_BYTES = 1 << 30
 IOV_BATCH = 512
 
 

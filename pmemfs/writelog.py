@@ -48,6 +48,8 @@ SUPER_NR_ENTRIES_OFFSET = 16
 ENTRY = struct.Struct("<QQQQ")
 # The kernel keeps a mark's text to a block less the struct and a NUL (log_mark: kstrndup(maxsize - 1)).
 MARK_MAX = SECTOR_SIZE - ENTRY.size - 1
+# A mount's log is at most this long unless told otherwise (--log-writes-max, log_writes_max=).
+DEFAULT_MAX_BYTES = 1 << 30
 _ENTRY_PAD = bytes(SECTOR_SIZE - ENTRY.size)
 # The mark the kernel's target writes when it is torn down; pmemfs writes it at a clean unmount.
 END_MARK = "dm-log-writes-end"

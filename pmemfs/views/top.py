@@ -21,7 +21,7 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from ..client import command_name
+from ..client import command_name, daemon_processes
 from ..mount import Mount
 from ..sizes import format_size
 
@@ -53,24 +53,11 @@ def _proc_stat(pid: int) -> list[str] | None:
         return None
 
 
-def serving_processes(daemon_pid: int) -> list[int]:
-    """The daemon and the serving processes it forked (its children)."""
-    with contextlib.suppress(OSError):
-        with open(f"/proc/{daemon_pid}/task/{daemon_pid}/children") as f:
-            return [daemon_pid, *sorted(int(pid) for pid in f.read().split())]
-    # A kernel without CONFIG_PROC_CHILDREN: look for them.
-    children = []
-    for entry in os.listdir("/proc"):
-        fields = _proc_stat(int(entry)) if entry.isdigit() else None
-        if fields and int(fields[1]) == daemon_pid:
-            children.append(int(entry))
-    return [daemon_pid, *sorted(children)]
-
-
 def take_sample(mount: Mount) -> Sample:
     status = mount.status()
     cpu, rss = {}, {}
-    for pid in serving_processes(int(status["pid"])):
+    # The daemon and its workers, as a crash or an unmount finds them (by their command line).
+    for pid in sorted({int(status["pid"]), *daemon_processes(status["image"], status["mountpoint"])}):
         fields = _proc_stat(pid)
         if fields:
             cpu[pid] = int(fields[11]) + int(fields[12])  # utime, stime
