@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := python3 python3-venv python3-dev gcc pkg-config fuse3 libfuse3-dev fio ndctl e2fsprogs util-linux
+APT_PACKAGES := python3 python3-venv python3-dev gcc linux-libc-dev pkg-config fuse3 libfuse3-dev fio ndctl e2fsprogs util-linux
 STAMP := .make
 
 .PHONY: run test lint bench docs sysdeps clean
@@ -12,8 +12,8 @@ STAMP := .make
 sysdeps:
 	@scripts/install-system-packages $(APT_PACKAGES)
 
-# setup.py and the .pyx too: the install compiles pmemfs/transfer.pyx in place.
-$(STAMP)/venv: pyproject.toml setup.py pmemfs/transfer.pyx | sysdeps
+# setup.py and the .pyx too: the install compiles pmemfs/*.pyx in place.
+$(STAMP)/venv: pyproject.toml setup.py $(wildcard pmemfs/*.pyx) | sysdeps
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -e '.[test,lint,plot]'

@@ -1,6 +1,6 @@
-"""The compiled part of pmemfs (pmemfs/transfer.pyx); everything else is declared in pyproject.toml.
+"""The compiled parts of pmemfs (pmemfs/*.pyx); the rest is declared in pyproject.toml.
 
-A build that cannot compile it fails, saying why: there is no slower pure-Python copy to fall back on.
+A build that cannot compile them fails, saying why: there is no slower pure-Python copy to fall back on.
 """
 
 from Cython.Build import cythonize
@@ -8,8 +8,9 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 HINT = (
-    "pmemfs: cannot compile pmemfs/transfer.pyx, the registry's transfer path ({error}). It needs a C "
-    "compiler and the Python headers: on Debian, apt-get install gcc python3-dev (make test installs them)."
+    "pmemfs: cannot compile {source}, part of the per-request path ({error}). It needs a C compiler, the "
+    "Python headers and the kernel's FUSE header: on Debian, apt-get install gcc python3-dev linux-libc-dev "
+    "(make test installs them)."
 )
 
 
@@ -18,10 +19,12 @@ class BuildExtOrSayWhy(build_ext):
         try:
             super().build_extension(ext)
         except Exception as error:
-            raise SystemExit(HINT.format(error=error)) from error
+            raise SystemExit(HINT.format(source=", ".join(ext.sources), error=error)) from error
 
 
 setup(
-    ext_modules=cythonize([Extension("pmemfs.transfer", ["pmemfs/transfer.pyx"])], quiet=True),
+    ext_modules=cythonize(
+        [Extension(f"pmemfs.{name}", [f"pmemfs/{name}.pyx"]) for name in ("transfer", "datapath", "lane")], quiet=True
+    ),
     cmdclass={"build_ext": BuildExtOrSayWhy},
 )

@@ -68,6 +68,12 @@ class BadBlocks:
         self.extents = _merged(self.store.load())
         self._starts = [start for start, _ in self.extents]
 
+    @property
+    def generation_cell(self) -> tuple[memoryview, int]:
+        """The shared generation's words and index: a reader that saw the table empty at one value
+        may skip ``changed_or_bad`` while the word still holds it (the compiled data path does)."""
+        return self._generation_words, self._generation_index
+
     def changed_or_bad(self) -> bool:
         """The I/O path's test: True when some sector is bad (after picking up another process's change)."""
         if self._generation_words[self._generation_index] != self._seen:

@@ -108,11 +108,13 @@ def run(
             region, registry, badblocks, sessions,
             control_files(
                 region=region, registry=registry, badblocks=badblocks, mountpoint=mountpoint, log_path=log_path,
-                stale=stale, serving=lambda: {**plan.as_dict(), "pid": os.getpid()}, write_log=write_log,
+                stale=stale, write_log=write_log,
+                serving=lambda: {**plan.as_dict(), "pid": os.getpid(), "lane": serving.lane_counts()},
             ),
             track_references=track_references, write_log=write_log,
         )  # fmt: skip
-        faults.install({"region": region, "registry": registry, "badblocks": badblocks, "sessions": sessions})
+        if faults.install({"region": region, "registry": registry, "badblocks": badblocks, "sessions": sessions}):
+            ops.datapath.general_only = True  # the faults are in the Python the compiled common case skips
         try:
             pyfuse3.init(ops, mountpoint, set(FUSE_OPTIONS))
         except RuntimeError as err:
@@ -133,6 +135,7 @@ def run(
         serving.serve(
             plan,
             _end_transfer_hook(registry),
+            serving.LaneHandlers(ops.datapath.read, ops.datapath.write),
             initialized=lambda: ops.initialized,
             become=lambda column: _become_worker(registry, column),
             mountpoint=mountpoint,

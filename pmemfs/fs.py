@@ -35,6 +35,7 @@ from . import handles
 from .badblocks import BadBlocks
 from .control import ControlFile
 from .counters import COUNTER, HANDLE_COUNTERS
+from .datapath import DataPath
 from .errors import PmemfsError
 from .infoblock import PAGE_SIZE, SECTOR_SIZE
 from .logwrites import WriteLog
@@ -143,6 +144,26 @@ class PmemOperations(pyfuse3.Operations):
             transfers.count_read,
             transfers.count_write,
         )
+        data, known, dataoff = region.direct_access()
+        generation_words, generation_index = badblocks.generation_cell
+        # The common case of a data file's read and write, compiled; serve_read and serve_write are
+        # the general handlers it hands every other case to.
+        self.datapath = DataPath(
+            transfers,
+            general_read=self.serve_read,
+            general_write=self.serve_write,
+            as_fuse_error=self._as_fuse_error,
+            data=data,
+            known=known,
+            dataoff=dataoff,
+            badblocks=badblocks,
+            generation=generation_words,
+            generation_index=generation_index,
+            file_codes=FILE_CODES,
+            handle_layout=(handles.INODE_MASK, handles.DIRECT_SHIFT, handles.PID_SHIFT, handles.PID_MASK),
+            track_references=track_references,
+            plain_media=write_log is None,
+        )
         self.initialized = False
         self._control = {FIRST_CONTROL_FILE_INODE + i: f for i, f in enumerate(control_files)}
         self._control_by_name = {f.name.encode(): inode for inode, f in self._control.items()}
@@ -175,6 +196,9 @@ class PmemOperations(pyfuse3.Operations):
         if isinstance(err, MemoryError):
             return pyfuse3.FUSEError(errno.ENOMEM)
         return pyfuse3.FUSEError(err.errno if isinstance(err, OSError) and err.errno in PASSED_ERRNOS else errno.EIO)
+
+    def _as_fuse_error(self, handler: str, err: Exception) -> pyfuse3.FUSEError:
+        return err if isinstance(err, pyfuse3.FUSEError) else self._fuse_error(handler, err)
 
     def _handle(self, fh: int) -> OpenFile:
         handle = self._open.get(fh)
@@ -324,8 +348,18 @@ class PmemOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBADF)  # released meanwhile
         return snapshot
 
-    # pyfuse3 replies with any contiguous buffer, so a view of the mapping saves a copy.
+    # The data path: the compiled common case (datapath.pyx), which hands every other case to
+    # serve_read and serve_write. Serving processes call it straight from their compiled request
+    # loop (lane.pyx); pyfuse3 calls it through these coroutines (the parent before it forks, the
+    # trio loop, a single serving process).
     async def read(self, fh: int, off: int, size: int) -> memoryview | bytes:  # type: ignore[override]
+        return self.datapath.read(fh, off, size)  # type: ignore[no-any-return]
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return self.datapath.write(fh, off, buf)  # type: ignore[no-any-return]
+
+    # The reply is any contiguous buffer, so a view of the mapping saves a copy.
+    def serve_read(self, fh: int, off: int, size: int) -> memoryview | bytes:
         try:
             handle = self._open.get(fh) or self._handle(fh)
             if not handle.file_code:
@@ -352,7 +386,8 @@ class PmemOperations(pyfuse3.Operations):
         except Exception as err:
             raise self._fuse_error("read", err) from None
 
-    async def write(self, fh: int, off: int, buf: bytes) -> int:
+    def serve_write(self, fh: int, off: int, buf: bytes | memoryview) -> int:
+        """``buf`` may be a view of the serving loop's buffer: nothing may keep it past the call."""
         try:
             handle = self._open.get(fh) or self._handle(fh)
             if not handle.file_code:
@@ -389,9 +424,10 @@ class PmemOperations(pyfuse3.Operations):
         except Exception as err:
             raise self._fuse_error("write", err) from None
 
-    def _control_write(self, handle: OpenFile, buf: bytes) -> int:
+    def _control_write(self, handle: OpenFile, buf: bytes | memoryview) -> int:
         if len(buf) > CONTROL_WRITE_MAX:
             raise pyfuse3.FUSEError(errno.EINVAL)  # no command or sysfs line is that long
+        buf = bytes(buf)
         if handle.session is not None:
             self.sessions.command(handle.session, buf.decode(errors="replace"))
         else:

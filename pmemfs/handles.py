@@ -33,7 +33,7 @@ for _name, _bits in FIELDS:
 assert _bit <= 63, f"file-handle fields need {_bit} bits: lower COLUMNS or SNAPSHOT_SLOTS"
 assert COLUMNS - 1 <= _MASK["column"] and SNAPSHOT_SLOTS + 1 <= _MASK["slot"] + 1
 INODE_MASK, DIRECT_SHIFT = _MASK["inode"], _SHIFT["direct"]
-SLOT_SHIFT, SLOT_MASK, PID_SHIFT = _SHIFT["slot"], _MASK["slot"], _SHIFT["pid"]
+SLOT_SHIFT, SLOT_MASK, PID_SHIFT, PID_MASK = _SHIFT["slot"], _MASK["slot"], _SHIFT["pid"], _MASK["pid"]
 
 
 class HandleFields(NamedTuple):

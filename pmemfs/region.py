@@ -281,6 +281,12 @@ class Region:
         self._known_bytes = self._known.data  # a memoryview item costs a fifth of numpy's
         self._holes_visible = seek_reports_holes(os.path.dirname(path))
 
+    def direct_access(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """The data area, the image's per-page "known" bytes and the data area's offset in the image,
+        for the compiled data path (datapath.pyx): it reads and stores through the mapping only
+        pages whose byte is set, as ``read`` and ``write`` do (see "Allocation" below)."""
+        return self.data, self._known, self._dataoff
+
     @classmethod
     def open(cls, path: str) -> Region:
         """Open, lock and map the image, with the shared state its serving processes will share."""

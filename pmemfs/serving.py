@@ -4,8 +4,9 @@ pyfuse3 reaches its async library through one module attribute (the slot that
 ``pyfuse3.asyncio.enable()`` fills). The fast path puts a backend there whose ``wait_readable``
 returns at once, which turns pyfuse3's session loop into a plain read -> dispatch -> reply loop:
 no scheduler pass, no epoll re-arm, no lock hand-off per request. That holds only while no
-handler ever really awaits, which is true of every pmemfs handler. This module knows nothing of
-pmem.
+handler ever really awaits, which is true of every pmemfs handler. In a worker process the
+backend's ``wait_readable`` goes further: it runs the compiled lane (lane.pyx), which serves reads
+and writes itself and returns only with a request for pyfuse3. This module knows nothing of pmem.
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import errno
 import fcntl
 import logging
 import os
-import select
 import signal
+import socket
 import struct
 import sys
-import time
 import types
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +29,7 @@ from typing import Any
 import pyfuse3
 import trio
 
+from .lane import DeviceClosed, Lane, Spinner
 from .options import DEFAULT_SPIN_US, MAX_WORKERS, default_workers  # noqa: F401  (re-exported)
 
 log = logging.getLogger("pmemfs")
@@ -46,6 +48,14 @@ def fast_path_problem() -> str | None:
     if getattr(pyfuse3, BACKEND_SLOT, None) is not sys.modules["trio"]:
         return f"pyfuse3 has no async backend slot named {BACKEND_SLOT!r} holding trio"
     return None
+
+
+@dataclasses.dataclass(frozen=True)
+class LaneHandlers:
+    """The synchronous cores of the read and write handlers, for the serving processes' lane."""
+
+    read: Callable[[int, int, int], Any]
+    write: Callable[[int, int, memoryview], int]
 
 
 class _Closed(Exception):
@@ -77,49 +87,6 @@ class _Nursery:
             await self._tasks.pop(0)
 
 
-class AdaptiveSpin:
-    """Polls the session fd for a while after each reply, when requests come one at a time.
-
-    With one request in flight, a serving process that blocks in read() must be woken for the next
-    one: under KVM that is an IPI to a halted vCPU, ~15 µs here, and the main cost of a 4k request
-    at QD1. Polling for ``spin_ns`` after a reply keeps the process on its CPU for the client's
-    turnaround. Under load the next request is already queued, and a poll() per request would cost
-    ~2 µs of ~8 (measured), so once requests are there at once several times in a row it stops
-    polling and only probes every ``PROBE_EVERY``-th read for the queue running dry. An idle daemon
-    spins ``spin_ns`` after its last request, then sleeps.
-    """
-
-    READY_IN_A_ROW = 4
-    PROBE_EVERY = 16
-
-    def __init__(self, fd: int, spin_ns: int) -> None:
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        self._poll = poller.poll
-        self.spin_ns = spin_ns
-        self.loaded = False
-        self.reads = 0
-        self.ready_in_a_row = 0
-
-    def wait(self, backend: BlockingBackend) -> None:
-        poll = self._poll
-        if self.loaded:
-            self.reads += 1
-            if self.reads % self.PROBE_EVERY or poll(0):
-                return
-            self.loaded = False
-        if poll(0):
-            self.ready_in_a_row += 1
-            if self.ready_in_a_row >= self.READY_IN_A_ROW:
-                self.loaded, self.ready_in_a_row = True, 0
-            return
-        self.ready_in_a_row = 0
-        deadline = time.monotonic_ns() + self.spin_ns
-        # A signal handled meanwhile may end the session: stop spinning then, so it is seen.
-        while not poll(0) and not backend.terminating and time.monotonic_ns() < deadline:
-            pass
-
-
 class BlockingBackend:
     """A stand-in for trio in pyfuse3's slot, under which nothing ever suspends.
 
@@ -130,12 +97,17 @@ class BlockingBackend:
     ClosedResourceError = _Closed
 
     def __init__(
-        self, before_read: Callable[[], None], stop: Callable[[], bool] = lambda: False, spin_us: int = 0
+        self,
+        before_read: Callable[[], None],
+        stop: Callable[[], bool] = lambda: False,
+        spin_us: int = 0,
+        lane: Lane | None = None,
     ) -> None:
         self.before_read = before_read
         self.stop = stop
         self.spin_ns = spin_us * 1000
-        self.spin: AdaptiveSpin | None = None
+        self.spin: Spinner | None = None
+        self.lane = lane
         self.terminating = False
         self.session_fd = -1
         self.lowlevel = self
@@ -152,12 +124,23 @@ class BlockingBackend:
     async def wait_readable(self, fd: int) -> None:
         self.session_fd = fd
         self.before_read()
+        if self.lane is not None:
+            # Reads and writes are served in there; what comes back is a request for libfuse.
+            self.lane.forward_replies()
+            try:
+                self.lane.serve()
+            except DeviceClosed:
+                raise _Closed from None
+            return
         if self.spin_ns and not self.terminating:
             if self.spin is None:
-                self.spin = AdaptiveSpin(fd, self.spin_ns)
-            self.spin.wait(self)
+                self.spin = Spinner(fd, self.spin_ns)
+            self.spin.wait(self._terminating)
         if self.terminating or self.stop():
             raise _Closed
+
+    def _terminating(self) -> bool:
+        return self.terminating
 
     def notify_closing(self, fd: int) -> None:
         self.terminating = True
@@ -178,10 +161,12 @@ def serve_blocking(
     stop: Callable[[], bool] = lambda: False,
     handle_signals: bool = True,
     spin_us: int = 0,
+    lane: Lane | None = None,
 ) -> BlockingBackend:
     """Serve the mounted session in this process with the blocking loop until it ends, or until
-    ``stop()`` says so before the next read; poll ``spin_us`` after each reply (``AdaptiveSpin``)."""
-    backend = BlockingBackend(before_read, stop, spin_us)
+    ``stop()`` says so before the next read; poll ``spin_us`` after each reply (``lane.Spinner``).
+    With a ``lane``, reads and writes are served by it and only the rest by pyfuse3."""
+    backend = BlockingBackend(before_read, stop, spin_us, lane)
 
     def terminate(signum: int, frame: object) -> None:
         log.info("got %s, unmounting", signal.Signals(signum).name)
@@ -210,17 +195,44 @@ PR_SET_PDEATHSIG = 1
 POLL_S = 0.05
 
 
-def _clone_session_fd(session_fd: int) -> None:
-    """Make ``session_fd`` in this process a clone of the session's device fd (same connection)."""
+def _clone_device(session_fd: int) -> int:
+    """A new fd on the session's connection (FUSE_DEV_IOC_CLONE): this process's own queue reader."""
     clone = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
     fcntl.ioctl(clone, FUSE_DEV_IOC_CLONE, struct.pack("I", session_fd))
-    os.dup2(clone, session_fd)
-    os.close(clone)
+    return clone
+
+
+def _lane_in_place_of(session_fd: int, handlers: LaneHandlers, after_reply: Callable[[], None], spin_us: int) -> Lane:
+    """Read this process's requests from its own clone of the device, and put one end of a socket
+    pair where libfuse expects the device (the session's fd number), for the requests it serves."""
+    device = _clone_device(session_fd)
+    ours, libfuses = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    os.dup2(libfuses.fileno(), session_fd)
+    libfuses.close()
+    relay = ours.detach()
+    return Lane(device, relay, handlers.read, handlers.write, after_reply, _errno_of, Spinner(device, spin_us * 1000))
+
+
+# This process's lane, once it serves from one (a worker process).
+_lane: Lane | None = None
+
+
+def lane_counts() -> dict[str, int] | None:
+    """What this process's lane served itself and relayed to libfuse, or None without a lane."""
+    if _lane is None:
+        return None
+    return {name: getattr(_lane, name) for name in ("served", "relayed", "forwarded", "lost_replies")}
+
+
+def _errno_of(err: BaseException) -> int:
+    """What a request answers for an exception out of a handler's core (it raises only FUSEError)."""
+    return err.errno if isinstance(err, pyfuse3.FUSEError) else errno.EIO
 
 
 def _worker_main(
     column: int,
     session_fd: int,
+    handlers: LaneHandlers,
     before_read: Callable[[], None],
     become: Callable[[int], None],
     parent: int,
@@ -237,10 +249,11 @@ def _worker_main(
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:
             return  # the parent died before PDEATHSIG was armed
-        _clone_session_fd(session_fd)
         become(column)
         # One spinner: a second would take the client's CPU too on a two-CPU machine (measured).
-        serve_blocking(before_read, handle_signals=False, spin_us=spin_us if column == 1 else 0)
+        global _lane
+        _lane = _lane_in_place_of(session_fd, handlers, before_read, spin_us if column == 1 else 0)
+        serve_blocking(before_read, handle_signals=False, lane=_lane)
         code = 0
     except BaseException:
         log.exception("serving process %d failed", column)
@@ -252,6 +265,7 @@ def _worker_main(
 def serve_workers(
     nworkers: int,
     *,
+    handlers: LaneHandlers,
     before_read: Callable[[], None],
     initialized: Callable[[], bool],
     become: Callable[[int], None],
@@ -277,7 +291,7 @@ def serve_workers(
         for column in range(1, nworkers + 1):
             pid = os.fork()
             if pid == 0:
-                _worker_main(column, backend.session_fd, before_read, become, parent, signal_mask, spin_us)
+                _worker_main(column, backend.session_fd, handlers, before_read, become, parent, signal_mask, spin_us)
             workers[pid] = column
         log.info("serving from %d worker processes: %s", nworkers, sorted(workers))
         trio.run(_supervise, workers, mountpoint, signal_mask)
@@ -395,6 +409,7 @@ def plan(mode: str, workers: int = 1, spin_us: int = DEFAULT_SPIN_US) -> Serving
 def serve(
     chosen: ServingPlan,
     before_read: Callable[[], None],
+    handlers: LaneHandlers,
     *,
     initialized: Callable[[], bool] = lambda: True,
     become: Callable[[int], None] = lambda column: None,
@@ -407,6 +422,7 @@ def serve(
     elif chosen.workers > 1:
         serve_workers(
             chosen.workers,
+            handlers=handlers,
             before_read=before_read,
             initialized=initialized,
             become=become,

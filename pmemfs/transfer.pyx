@@ -13,7 +13,7 @@ took) and calls back into the registry for everything else: backing records, rec
 spill, the gate's slow path (refusal, a zero under way, the trace), a put that the sums decide.
 """
 
-from libc.stdint cimport int32_t, int64_t, uint8_t
+from libc.stdint cimport int64_t
 
 cdef extern from *:
     """
@@ -25,29 +25,8 @@ cdef extern from *:
 
 
 cdef class Transfers:
-    """The transfer in flight of one serving process, over the registry that owns its state."""
-
-    # This process's refcount word of every record in the image, by pfn (a strided view).
-    cdef int32_t[:] own_in_image
-    # Where each chunk's records live (records.UNBACKED / IN_IMAGE / SPILLED).
-    cdef uint8_t[:] backed
-    # The shared cells as int64 words, and which of them is the I/O gate.
-    cdef int64_t[:] words
-    cdef Py_ssize_t gate_word
-    # This process's counter row.
-    cdef int64_t[:] counters
-    cdef object registry
-    cdef Py_ssize_t npfns
-    cdef int page_shift, chunk_shift, pin_bias, in_image
-    cdef Py_ssize_t nr_pin_acquired, nr_pin_released, nr_get_page, nr_put_page
-    # The I/O counters: a file's slot is its base plus the file code (counters.file_slot_base).
-    cdef Py_ssize_t file_reads, file_writes, file_read_bytes, file_write_bytes
-    cdef Py_ssize_t direct_reads, direct_writes, direct_read_bytes, direct_write_bytes
-    cdef int64_t max_file
-    # The transfer in flight.
-    cdef readonly bint in_flight
-    cdef bint pin
-    cdef int64_t pid, file, pfn, npages, since
+    """The transfer in flight of one serving process, over the registry that owns its state.
+    (Its fields are declared in transfer.pxd, for the data path to use them.)"""
 
     def __init__(self, registry, *, backed, words, int gate_word, int page_shift, int chunk_shift,
                  int pin_bias, int in_image, counter_slots, io_slots, int max_file):
@@ -67,14 +46,14 @@ cdef class Transfers:
         self.max_file = max_file
         self.in_flight = False
 
-    cdef inline bint _all_in_image(self, int64_t pfn, int64_t npages):
+    cdef bint _all_in_image(self, int64_t pfn, int64_t npages) noexcept:
         cdef int64_t chunk
         for chunk in range(pfn >> self.chunk_shift, ((pfn + npages - 1) >> self.chunk_shift) + 1):
             if self.backed[chunk] != self.in_image:
                 return False
         return True
 
-    cdef inline bint _own_at_least(self, int64_t pfn, int64_t npages, int delta):
+    cdef bint _own_at_least(self, int64_t pfn, int64_t npages, int delta) noexcept:
         """Whether this process's own words can drop ``delta`` over the range (it took the reference)."""
         cdef int64_t page
         for page in range(pfn, pfn + npages):
@@ -129,8 +108,11 @@ cdef class Transfers:
 
     def end(self):
         """Drop the reference of the transfer in flight, if any: its reply is out."""
+        self._end()
+
+    cdef int _end(self) except -1:
         if not self.in_flight:
-            return
+            return 0
         self.in_flight = False  # first: a transfer that cannot be ended is not ended twice
         cdef int64_t pfn = self.pfn, npages = self.npages, page
         cdef int delta
@@ -148,6 +130,7 @@ cdef class Transfers:
             self.registry._drop_reference(pfn, npages, delta)
         if self.words[self.gate_word]:
             self.registry._trace_end(self.pin, self.pid, self.file, pfn, npages)
+        return 0
 
     # A request's I/O counters: four read-modify-writes of memoryview items cost ~0.2-0.4 µs in
     # CPython, a tenth of that here.
@@ -158,7 +141,7 @@ cdef class Transfers:
         self._count(self.file_writes, self.file_write_bytes, self.direct_writes, self.direct_write_bytes, file, size,
                     direct)
 
-    cdef inline int _count(self, Py_ssize_t requests, Py_ssize_t nbytes, Py_ssize_t direct_requests,
+    cdef int _count(self, Py_ssize_t requests, Py_ssize_t nbytes, Py_ssize_t direct_requests,
                            Py_ssize_t direct_bytes, int64_t file, int64_t size, bint direct) except -1:
         if not 0 < file <= self.max_file:
             raise ValueError(f"no data file has code {file}")
