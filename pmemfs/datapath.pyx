@@ -82,13 +82,8 @@ cdef class DataPath:
         if self._common(file, direct, off, size):
             if off + size > self.data_size:
                 size = self.data_size - off
-            if self._backed(off, size):
-                if self.track_references:
-                    # Ended by the serving loop once the reply is out (pages.py).
-                    try:
-                        self.transfers._begin(direct, (fh >> self.pid_shift) & self.pid_mask, file, off, size)
-                    except Exception as err:
-                        raise self.as_fuse_error("read", err) from None
+            if self._backed(off, size) and self._referenced(direct, fh, file, off, size, "read"):
+                # The reference is ended by the serving loop once the reply is out (pages.py).
                 t = self.transfers
                 t._count(t.file_reads, t.file_read_bytes, t.direct_reads, t.direct_read_bytes, file, size, direct)
                 return self.data_view[off : off + size]
@@ -104,19 +99,15 @@ cdef class DataPath:
             PyObject_GetBuffer(buf, &source, PyBUF_SIMPLE)
             try:
                 size = source.len
-                if self._common(file, direct, off, size) and off + size <= self.data_size and self._backed(off, size):
+                if (self._common(file, direct, off, size) and off + size <= self.data_size
+                        and self._backed(off, size) and self._referenced(direct, fh, file, off, size, "write")):
                     t = self.transfers
+                    memcpy(&self.data[off], source.buf, size)
                     if self.track_references:
                         try:
-                            t._begin(direct, (fh >> self.pid_shift) & self.pid_mask, file, off, size)
-                            try:
-                                memcpy(&self.data[off], source.buf, size)
-                            finally:
-                                t._end()  # the store is done: nothing of the request points into the mapping
+                            t._end()  # the store is done: nothing of the request points into the mapping
                         except Exception as err:
                             raise self.as_fuse_error("write", err) from None
-                    else:
-                        memcpy(&self.data[off], source.buf, size)
                     t._count(t.file_writes, t.file_write_bytes, t.direct_writes, t.direct_write_bytes, file, size,
                              direct)
                     return size
@@ -134,21 +125,46 @@ cdef class DataPath:
             return False
         return self.generation[self.generation_index] == self.clean_generation or self._learn_clean()
 
+    cdef bint _referenced(self, bint direct, uint64_t fh, int file, int64_t off, int64_t size, str handler) except -1:
+        """Take the transfer's reference; then whether the pages still have their blocks. A zero may
+        have punched them between the look at ``known`` and the reference (it found none then): the
+        transfer ends and the general handler serves it, with pwrite for a hole (region.py)."""
+        if not self.track_references:
+            return True
+        try:
+            self.transfers._begin(direct, (fh >> self.pid_shift) & self.pid_mask, file, off, size)
+            if self._known(off, size):
+                return True
+            self.transfers._end()
+        except Exception as err:
+            raise self.as_fuse_error(handler, err) from None
+        return False
+
     cdef bint _learn_clean(self):
-        """Whether the badblocks table is empty, as of the generation read first (then remembered)."""
+        """Whether the badblocks table is empty, as of the generation read first (then remembered).
+        One that cannot be read is the general handler's to report."""
         cdef int64_t generation = self.generation[self.generation_index]
-        if self.badblocks.changed_or_bad():
+        try:
+            if self.badblocks.changed_or_bad():
+                return False
+        except Exception:
             return False
         self.clean_generation = generation
         return True
 
-    cdef inline bint _backed(self, int64_t off, int64_t size):
-        """Every page of [off, +size) has its blocks, and every record is in the image."""
+    cdef inline bint _known(self, int64_t off, int64_t size):
+        """Every page of [off, +size) is known to have its blocks."""
         cdef int64_t first = (self.dataoff + off) >> PAGE_SHIFT, last = (self.dataoff + off + size - 1) >> PAGE_SHIFT
         cdef int64_t page
         for page in range(first, last + 1):
             if not self.known[page]:
                 return False
+        return True
+
+    cdef inline bint _backed(self, int64_t off, int64_t size):
+        """Every page of [off, +size) has its blocks, and every record is in the image."""
+        if not self._known(off, size):
+            return False
         if not self.track_references:
             return True
         cdef int64_t pfn = off >> self.transfers.page_shift

@@ -17,6 +17,7 @@ class Lane:
     relayed: int
     forwarded: int
     lost_replies: int
+    failed_replies: int
     def __init__(
         self,
         device_fd: int,

@@ -24,10 +24,14 @@ from cpython.bytearray cimport PyByteArray_AS_STRING
 from cpython.exc cimport PyErr_CheckSignals
 from libc.errno cimport EAGAIN, EINTR, EIO, EMSGSIZE, ENODEV, ENOENT, errno
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
-from libc.string cimport memset
+from libc.string cimport memset, strerror
+
+import logging
 
 cdef extern from "<unistd.h>" nogil:
     ssize_t read(int fd, void *buf, size_t count)
+    long sysconf(int name)
+    int _SC_PAGESIZE
 
 cdef extern from "<sys/uio.h>" nogil:
     struct iovec:
@@ -80,11 +84,14 @@ cdef extern from "<linux/fuse.h>" nogil:
         FUSE_READ
         FUSE_WRITE
 
-# libfuse's read buffer: 256 pages of payload and a page of headers. The kernel refuses a read of
+# libfuse's read buffer: 256 pages of payload and 4 KiB of headers. The kernel refuses a read of
 # /dev/fuse into less than a request of max_write bytes can need, and libfuse negotiated max_write
 # from the same size.
 cdef enum:
-    BUFFER_SIZE = 256 * 4096 + 4096
+    MAX_PAGES = 256
+    HEADER_SPACE = 4096
+
+log = logging.getLogger("pmemfs")
 
 
 cdef inline int64_t _now_ns() noexcept nogil:
@@ -163,18 +170,20 @@ cdef class Lane:
     cdef int device_fd, relay_fd
     cdef bytearray buffer
     cdef char *buf
+    cdef size_t bufsize
     cdef object view
     cdef object read_handler, write_handler, after_reply, errno_of
     cdef Spinner spinner
     # What went where, for the tests and the curious.
-    cdef readonly uint64_t served, relayed, forwarded, lost_replies
+    cdef readonly uint64_t served, relayed, forwarded, lost_replies, failed_replies
 
     def __init__(self, int device_fd, int relay_fd, read, write, after_reply, errno_of, Spinner spinner):
         """``read(fh, off, size)`` returns the reply's bytes (any contiguous buffer), ``write(fh, off,
         view)`` the count written; ``view`` is only valid during the call. ``after_reply()`` runs
         once each reply is out; ``errno_of(exception)`` is the error a failed request answers."""
         self.device_fd, self.relay_fd = device_fd, relay_fd
-        self.buffer = bytearray(BUFFER_SIZE)
+        self.bufsize = MAX_PAGES * sysconf(_SC_PAGESIZE) + HEADER_SPACE
+        self.buffer = bytearray(self.bufsize)
         self.buf = PyByteArray_AS_STRING(self.buffer)
         self.view = memoryview(self.buffer)
         self.read_handler, self.write_handler = read, write
@@ -185,7 +194,7 @@ cdef class Lane:
         """Pass what libfuse answered to relayed requests on to the device (a FORGET has no answer)."""
         cdef ssize_t n
         while True:
-            n = recv(self.relay_fd, self.buf, BUFFER_SIZE, MSG_DONTWAIT)
+            n = recv(self.relay_fd, self.buf, self.bufsize, MSG_DONTWAIT)
             if n <= 0:
                 if n < 0 and errno == EINTR:
                     continue
@@ -201,7 +210,7 @@ cdef class Lane:
         while True:
             self.spinner._wait(stop)
             with nogil:
-                n = read(self.device_fd, self.buf, BUFFER_SIZE)
+                n = read(self.device_fd, self.buf, self.bufsize)
             if n < 0:
                 if errno == ENODEV:
                     raise DeviceClosed()
@@ -216,21 +225,28 @@ cdef class Lane:
                 self._serve_read(request)
             elif request.opcode == FUSE_WRITE:
                 self._serve_write(request)
-            else:
-                self._relay(n)
+            elif self._relay(n):
                 return True
+            else:
+                continue  # answered with an error: nothing for pyfuse3 to read
             self.served += 1
             self.after_reply()
 
     cdef int _relay(self, ssize_t n) except -1:
+        """1 once the request is in the pair for pyfuse3 to read; 0 if it could not be (answered)."""
         cdef fuse_in_header *request = <fuse_in_header *> self.buf
+        cdef int error
         while send(self.relay_fd, self.buf, n, 0) < 0:
-            if errno != EINTR:
-                # Too large for the pair (nothing pmemfs serves takes one): the client gets EIO.
-                self._reply_error(request.unique, EIO if errno == EMSGSIZE else errno)
+            error = errno
+            if error != EINTR:
+                # Too large for the pair (nothing pmemfs serves takes one), or no memory: the client
+                # gets the error, and pyfuse3 must not be sent to read a request that is not there.
+                log.error("cannot pass request %d (opcode %d, %d bytes) to pyfuse3: %s",
+                          request.unique, request.opcode, n, strerror(error).decode())
+                self._reply_error(request.unique, EIO if error == EMSGSIZE else error)
                 return 0
         self.relayed += 1
-        return 0
+        return 1
 
     cdef int _serve_read(self, fuse_in_header *request) except -1:
         cdef fuse_read_in *arguments = <fuse_read_in *> (self.buf + sizeof(fuse_in_header))
@@ -240,9 +256,9 @@ cdef class Lane:
         cdef iovec iov[2]
         try:
             reply = self.read_handler(arguments.fh, arguments.offset, arguments.size)
+            PyObject_GetBuffer(reply, &data, PyBUF_SIMPLE)
         except Exception as err:
             return self._reply_error(unique, self.errno_of(err))
-        PyObject_GetBuffer(reply, &data, PyBUF_SIMPLE)
         try:
             out.len = sizeof(fuse_out_header) + data.len
             out.error = 0
@@ -263,12 +279,11 @@ cdef class Lane:
         cdef iovec iov[2]
         if start + arguments.size > request.len:
             return self._reply_error(unique, EIO)
+        memset(&written, 0, sizeof(written))
         try:
-            count = self.write_handler(arguments.fh, arguments.offset, self.view[start : start + arguments.size])
+            written.size = self.write_handler(arguments.fh, arguments.offset, self.view[start : start + arguments.size])
         except Exception as err:
             return self._reply_error(unique, self.errno_of(err))
-        memset(&written, 0, sizeof(written))
-        written.size = count
         out.len = sizeof(fuse_out_header) + sizeof(fuse_write_out)
         out.error = 0
         out.unique = unique
@@ -289,12 +304,19 @@ cdef class Lane:
         return self._sendv(iov, 1)
 
     cdef int _sendv(self, iovec *iov, int count) except -1:
+        cdef int error
         while writev(self.device_fd, iov, count) < 0:
-            if errno == EINTR:
+            error = errno
+            if error == EINTR:
                 continue
-            if errno == ENODEV:
+            if error == ENODEV:
                 raise DeviceClosed()
-            # ENOENT: the kernel took the request back (interrupted, aborted); nobody waits for it.
-            self.lost_replies += 1
+            if error == ENOENT:
+                # The kernel took the request back (interrupted, aborted): nobody waits for it.
+                self.lost_replies += 1
+            else:
+                self.failed_replies += 1
+                log.error("the kernel refused a reply (%d bytes): %s",
+                          (<fuse_out_header *> iov[0].iov_base).len, strerror(error).decode())
             return 0
         return 0

@@ -126,8 +126,8 @@ class BlockingBackend:
         self.before_read()
         if self.lane is not None:
             # Reads and writes are served in there; what comes back is a request for libfuse.
-            self.lane.forward_replies()
             try:
+                self.lane.forward_replies()
                 self.lane.serve()
             except DeviceClosed:
                 raise _Closed from None
@@ -207,7 +207,7 @@ def _lane_in_place_of(session_fd: int, handlers: LaneHandlers, after_reply: Call
     pair where libfuse expects the device (the session's fd number), for the requests it serves."""
     device = _clone_device(session_fd)
     ours, libfuses = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    os.dup2(libfuses.fileno(), session_fd)
+    os.dup2(libfuses.fileno(), session_fd, inheritable=False)
     libfuses.close()
     relay = ours.detach()
     return Lane(device, relay, handlers.read, handlers.write, after_reply, _errno_of, Spinner(device, spin_us * 1000))
@@ -221,7 +221,7 @@ def lane_counts() -> dict[str, int] | None:
     """What this process's lane served itself and relayed to libfuse, or None without a lane."""
     if _lane is None:
         return None
-    return {name: getattr(_lane, name) for name in ("served", "relayed", "forwarded", "lost_replies")}
+    return {name: getattr(_lane, name) for name in ("served", "relayed", "forwarded", "lost_replies", "failed_replies")}
 
 
 def _errno_of(err: BaseException) -> int:

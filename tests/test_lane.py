@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 
 import pytest
 from conftest import DirectFile, children_of, mounted
@@ -25,7 +26,8 @@ def _lanes(mount, want_pids: int) -> dict[int, dict[str, int]]:  # type: ignore[
 
 def test_reads_and_writes_are_served_by_the_lane_and_the_rest_relayed(image: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
     requests = 300
-    with mounted(image, str(tmp_path / "mnt"), "--workers", str(WORKERS)) as mount:
+    log = tmp_path / "daemon.log"
+    with mounted(image, str(tmp_path / "mnt"), "--workers", str(WORKERS), "--log", str(log)) as mount:
         before = _lanes(mount, WORKERS)
         data = os.urandom(4096 * requests)
         with DirectFile(mount.pmem0) as direct:
@@ -42,11 +44,15 @@ def test_reads_and_writes_are_served_by_the_lane_and_the_rest_relayed(image: str
         assert set(after) == set(children_of(mount.pid)), "a serving process has no lane"
         served = sum(after[pid]["served"] - before[pid]["served"] for pid in after)
         relayed = sum(after[pid]["relayed"] - before[pid]["relayed"] for pid in after)
-        assert served >= requests + 2  # the writes, the reads, the error
+        assert served >= requests + 4  # the writes, the direct reads, the error, the end, the buffered reads
         assert relayed >= 4  # opens, releases, status's own
-        assert all(lane["forwarded"] <= lane["relayed"] and lane["lost_replies"] == 0 for lane in after.values())
+        assert all(lane["forwarded"] <= lane["relayed"] for lane in after.values())
+        assert all(lane["lost_replies"] == lane["failed_replies"] == 0 for lane in after.values())
         status = mount.status()
         assert status["counters"]["writes"] >= requests and status["registry"]["referenced_pages"] == 0
+    # At the unmount every lane saw its device close, and its process ended cleanly.
+    logged = log.read_text()
+    assert not re.search(r"serving process \d+ (failed|\(pid \d+\) died)", logged), logged[-2000:]
 
 
 def test_control_files_are_served_through_the_lane_like_any_file(image: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
