@@ -269,6 +269,16 @@ def cmd_status(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _lane_text(serving: dict) -> str:
+    """What the answering process's compiled request loop did, when it has one."""
+    lane = serving.get("lane")
+    if not lane:
+        return ""
+    text = f"; pid {serving['pid']}'s lane: {lane['served']} served, {lane['relayed']} relayed"
+    lost = lane["lost_replies"] + lane["failed_replies"]
+    return text + (f", {lost} replies not delivered" if lost else "")
+
+
 def format_status(status: dict) -> str:
     """``.pmemfs/status`` as ``pmemfs status`` prints it (scripts/demo.py prints it too)."""
     counters, registry = status["counters"], status["registry"]
@@ -281,7 +291,7 @@ def format_status(status: dict) -> str:
             f"  blockdev: {status['blockdev'] or '-'}   allocated: {status['allocated_bytes']} bytes   "
             f"badblock_count: {status['badblock_count']}",
             f"  serving: {status['serving']['mode']} loop, {status['serving']['workers']} process(es), "
-            f"polls {status['serving'].get('spin_us', 0)} µs after a reply",
+            f"polls {status['serving'].get('spin_us', 0)} µs after a reply{_lane_text(status['serving'])}",
             f"  mounts {status['mounts']}, unclean shutdowns {status['unclean_shutdowns']}, "
             f"this start after a{'n unclean' if status['previous_shutdown'] == 'unclean' else ' clean'} shutdown",
             "  reads {reads} ({read_bytes} B, {direct_reads} direct), writes {writes} ({write_bytes} B, "

@@ -8,7 +8,7 @@ import os
 import re
 
 import pytest
-from conftest import DirectFile, children_of, mounted
+from conftest import DirectFile, children_of, mounted, pmemfs
 
 WORKERS = 2
 
@@ -50,6 +50,7 @@ def test_reads_and_writes_are_served_by_the_lane_and_the_rest_relayed(image: str
         assert all(lane["lost_replies"] == lane["failed_replies"] == 0 for lane in after.values())
         status = mount.status()
         assert status["counters"]["writes"] >= requests and status["registry"]["referenced_pages"] == 0
+        assert re.search(r"pid \d+'s lane: \d+ served, \d+ relayed\n", pmemfs("status", mount.mountpoint).stdout)
     # At the unmount every lane saw its device close, and its process ended cleanly.
     logged = log.read_text()
     assert not re.search(r"serving process \d+ (failed|\(pid \d+\) died)", logged), logged[-2000:]
