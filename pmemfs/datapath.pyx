@@ -24,7 +24,7 @@ from .transfer cimport Transfers
 cdef enum:
     SECTOR_MASK = 511
     PAGE_SHIFT = 12
-    FILE_CODES = 256
+    INODES = 256
 
 
 cdef class DataPath:
@@ -44,16 +44,15 @@ cdef class DataPath:
     cdef int64_t clean_generation
     cdef object badblocks
     # A file code per inode (0: not a data file), and the handle's fields (handles.py).
-    cdef int file_codes[FILE_CODES]
+    cdef int file_codes[INODES]
     cdef uint64_t inode_mask, direct_shift, pid_shift, pid_mask
     cdef bint track_references, plain_media
     # Everything to the general handler: with faults injected into the Python collaborators
     # (faults.py), which the common case does not call.
     cdef public bint general_only
 
-    def __init__(self, Transfers transfers, *, general_read, general_write, as_fuse_error, data, known, int64_t dataoff,
-                 badblocks, generation, Py_ssize_t generation_index, file_codes, handle_layout,
-                 bint track_references, bint plain_media):
+    def __init__(self, Transfers transfers, region, badblocks, *, general_read, general_write, as_fuse_error,
+                 file_codes, handle_layout, bint track_references, bint plain_media):
         """``as_fuse_error(handler, exception)``: what the request answers when the registry fails it
         (a gate that closed meanwhile: a zero, a teardown); ``file_codes``: {inode: file code};
         ``handle_layout``: (inode mask, direct shift, pid shift, pid mask); ``plain_media``: writes
@@ -61,15 +60,15 @@ cdef class DataPath:
         self.transfers = transfers
         self.general_read, self.general_write = general_read, general_write
         self.as_fuse_error = as_fuse_error
+        data, known, self.dataoff = region.direct_access()
         self.data = data
         self.data_view = memoryview(data)
         self.data_size = len(self.data_view)
         self.known = known
-        self.dataoff = dataoff
         self.badblocks = badblocks
-        self.generation, self.generation_index = generation, generation_index
+        self.generation, self.generation_index = badblocks.generation_cell
         self.clean_generation = -1
-        for inode in range(FILE_CODES):
+        for inode in range(INODES):
             self.file_codes[inode] = file_codes.get(inode, 0)
         self.inode_mask, self.direct_shift, self.pid_shift, self.pid_mask = handle_layout
         self.track_references, self.plain_media = track_references, plain_media

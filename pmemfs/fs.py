@@ -144,21 +144,15 @@ class PmemOperations(pyfuse3.Operations):
             transfers.count_read,
             transfers.count_write,
         )
-        data, known, dataoff = region.direct_access()
-        generation_words, generation_index = badblocks.generation_cell
         # The common case of a data file's read and write, compiled; serve_read and serve_write are
         # the general handlers it hands every other case to.
         self.datapath = DataPath(
             transfers,
+            region,
+            badblocks,
             general_read=self.serve_read,
             general_write=self.serve_write,
             as_fuse_error=self._as_fuse_error,
-            data=data,
-            known=known,
-            dataoff=dataoff,
-            badblocks=badblocks,
-            generation=generation_words,
-            generation_index=generation_index,
             file_codes=FILE_CODES,
             handle_layout=(handles.INODE_MASK, handles.DIRECT_SHIFT, handles.PID_SHIFT, handles.PID_MASK),
             track_references=track_references,

@@ -202,13 +202,19 @@ cdef class Lane:
             self._send(self.buf, n)
             self.forwarded += 1
 
-    def serve(self, stop=None):
+    def counts(self):
+        """What this lane served itself, relayed to libfuse and forwarded back, and the replies the
+        kernel did not take (requests it took back; refused)."""
+        return {"served": self.served, "relayed": self.relayed, "forwarded": self.forwarded,
+                "lost_replies": self.lost_replies, "failed_replies": self.failed_replies}
+
+    def serve(self):
         """Serve reads and writes until a request must go to libfuse: relay it and return True.
         Raise DeviceClosed when the connection is gone."""
         cdef ssize_t n
         cdef fuse_in_header *request = <fuse_in_header *> self.buf
         while True:
-            self.spinner._wait(stop)
+            self.spinner._wait(None)
             with nogil:
                 n = read(self.device_fd, self.buf, self.bufsize)
             if n < 0:

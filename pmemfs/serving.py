@@ -219,9 +219,7 @@ _lane: Lane | None = None
 
 def lane_counts() -> dict[str, int] | None:
     """What this process's lane served itself and relayed to libfuse, or None without a lane."""
-    if _lane is None:
-        return None
-    return {name: getattr(_lane, name) for name in ("served", "relayed", "forwarded", "lost_replies", "failed_replies")}
+    return None if _lane is None else _lane.counts()
 
 
 def _errno_of(err: BaseException) -> int:
