@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 from conftest import create_image, mounted, pmemfs, sha256_of
@@ -219,36 +220,46 @@ def test_the_cli_waits_for_a_starting_daemon_as_long_as_it_makes_progress(monkey
 
     monkeypatch.setattr(client, "MOUNT_TIMEOUT_S", 0.5)
 
-    # Stands for the daemon: one step of its work takes ``step_s``, after which it writes the next
-    # line to its ready pipe; then it exits (the pipe closes: mounted), or with "hang" it goes silent
-    # until it is killed. The steps' time is the stimulus: it is what the CLI's deadline measures.
+    # Stands for the daemon: writes its lines to its ready pipe at once; then it exits (the pipe
+    # closes: mounted), or with "hang" it goes silent until it is killed.
     daemon_script = (
-        "import os, signal, sys, time\n"
-        "fd, step_s, then = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]\n"
-        "for line in sys.argv[4:]:\n"
-        "    time.sleep(step_s)\n"
+        "import os, signal, sys\n"
+        "fd, then = int(sys.argv[1]), sys.argv[2]\n"
+        "for line in sys.argv[3:]:\n"
         "    os.write(fd, line.encode() + b'\\n')\n"
         "if then == 'hang':\n"
         "    signal.pause()\n"
     )
 
-    def start(lines: list[bytes], step_s: float, then: str) -> tuple[int, subprocess.Popen]:
+    def start(lines: list[bytes], then: str) -> tuple[int, subprocess.Popen]:
         read_end, write_end = os.pipe()
         daemon = subprocess.Popen(
-            [sys.executable, "-c", daemon_script, str(write_end), str(step_s), then, *(x.decode() for x in lines)],
+            [sys.executable, "-c", daemon_script, str(write_end), then, *(x.decode() for x in lines)],
             pass_fds=[write_end],
         )
         os.close(write_end)
         return read_end, daemon
 
+    # Each step of the daemon's work takes STEP_S on the CLI's clock, which only the progress it
+    # reports moves: the five steps take three times the timeout in all, each well within it.
+    step_s, clock, shown = 0.3, [0.0], []
+
+    def one_step_done(text: str, done: int | None, total: int | None) -> None:
+        shown.append(done)
+        clock[0] += step_s
+
     steps = [b"progress reading the registry records: %d%%" % p for p in range(0, 100, 20)]
-    read_end, daemon = start(steps, 0.3, "exit")
+    read_end, daemon = start(steps, "exit")
     try:
-        assert client._read_until_eof(read_end, daemon) == ""  # 1.5 s of progress, each step within 0.5 s
+        with monkeypatch.context() as patched:
+            patched.setattr(client, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+            assert client._read_until_eof(read_end, daemon, one_step_done) == ""
+        assert shown == [0, 20, 40, 60, 80] and clock[0] > 2 * client.MOUNT_TIMEOUT_S
         assert daemon.wait(timeout=10) == 0  # not killed
     finally:
         os.close(read_end)
-    read_end, daemon = start([b"progress reading the registry records: 10%"], 0, "hang")
+    # Silent after one step: given up on once MOUNT_TIMEOUT_S of the real clock has passed.
+    read_end, daemon = start([b"progress reading the registry records: 10%"], "hang")
     try:
         assert "made no progress" in client._read_until_eof(read_end, daemon)
         assert daemon.wait(timeout=10) == -signal.SIGKILL
